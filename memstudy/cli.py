@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_commands(commands)
     add_correlate_command(commands)
     bench = commands.add_parser(
-        "bench", help="measure speed on this machine (ratios measured in one run)",
+        "bench",
+        help="measure speed on this machine (ratios measured in one run)",
         description="Benchmarks that print ratios measured in one run on this machine.",
     )
     benches = bench.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)

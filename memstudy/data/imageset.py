@@ -121,5 +121,10 @@ class ImageSet:
                 f"{directory / IMAGES_FILE}: shape {images.shape} does not match {META_FILE} "
                 f"({tuple(meta['shape'])})"
             )
-        return cls(images, tuple(meta["names"]), np.asarray(meta["groups"]), tuple(meta["channels"]),
-                   meta.get("provenance", {}))
+        return cls(
+            images,
+            tuple(meta["names"]),
+            np.asarray(meta["groups"]),
+            tuple(meta["channels"]),
+            meta.get("provenance", {}),
+        )

@@ -1,0 +1,167 @@
+"""Chest x-ray loader for the Kermany 2018 / Kaggle "Chest X-Ray Images (Pneumonia)" layout.
+
+``chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg``. Images vary in size and some are RGB.
+Resize policy: convert to 8-bit grayscale, centre-crop to a square on the shorter side, then resize
+to ``size`` × ``size`` with a Lanczos filter (anti-aliased), so anatomy keeps its aspect ratio.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from memstudy.data.cache import ImageSetWriter, cached_imageset
+from memstudy.data.imageset import ImageSet
+
+log = logging.getLogger(__name__)
+
+CLASSES = ("NORMAL", "PNEUMONIA")
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
+BATCH = 64
+
+
+def find_split_dir(root: str | os.PathLike, split: str) -> Path:
+    """Return ``<base>/<split>`` of a Kermany layout at or just below ``root``.
+
+    ``root`` may be the ``chest_xray`` folder itself or a folder holding it. The zip's nested
+    duplicate ``chest_xray/chest_xray/`` and ``__MACOSX/`` are never used.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: chest x-ray root folder does not exist")
+    for base in (root, root / "chest_xray"):
+        if any((base / s / c).is_dir() for s in SPLITS for c in CLASSES):
+            if not (base / split).is_dir():
+                raise FileNotFoundError(
+                    f"{base}: no {split}/ folder (expected {split}/NORMAL, {split}/PNEUMONIA)"
+                )
+            return base / split
+    raise FileNotFoundError(
+        f"{root}: not a chest x-ray layout (expected chest_xray/{{train,val,test}}/{{NORMAL,PNEUMONIA}}/"
+        f"*.jpeg at or below it)"
+    )
+
+
+def list_images(split_dir: Path, classes: tuple[str, ...]) -> list[tuple[str, Path]]:
+    """Return sorted ``(class, path)`` pairs, skipping macOS metadata (``._*``, ``.DS_Store``)."""
+    found = []
+    for label in classes:
+        folder = split_dir / label
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{split_dir}: no {label}/ class folder")
+        found += [
+            (label, p)
+            for p in sorted(folder.iterdir())
+            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+        ]
+    if not found:
+        raise FileNotFoundError(f"{split_dir}: no images (*.jpeg, *.jpg, *.png) in {', '.join(classes)}")
+    return found
+
+
+def patient_key(label: str, filename: str) -> str:
+    """Patient of a Kermany file: ``person12_virus_34`` → person12; ``IM-0115-0001`` → IM-0115."""
+    match = re.match(r"(person\d+)_", filename) or re.match(r"((?:NORMAL2-)?IM-\d+)-", filename)
+    return f"{label}/{match.group(1)}" if match else f"{label}/{filename}"
+
+
+def read_xray(path: Path, size: int) -> np.ndarray:
+    """Read one radiograph as uint8 (size, size): grayscale, centre-cropped square, Lanczos-resized."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            gray = image.convert("L")
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ValueError(f"{path}: cannot read the image ({error})") from error
+    width, height = gray.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    square = gray.crop((left, top, left + side, top + side))
+    return np.asarray(square.resize((size, size), Image.Resampling.LANCZOS), dtype=np.uint8)
+
+
+def load_chestxray(
+    root: str | os.PathLike,
+    *,
+    split: Literal["train", "val", "test"] = "train",
+    size: int = 256,
+    classes: tuple[str, ...] = CLASSES,
+    n_images: int | None = None,
+    on_error: Literal["raise", "skip"] = "raise",
+    progress: bool = True,
+) -> ImageSet:
+    """Load a split of the Kermany chest x-ray layout as a one-channel ImageSet.
+
+    Parameters
+    ----------
+    root : path
+        The ``chest_xray`` folder or a folder holding it.
+    split : {"train", "val", "test"}
+        Which split to read.
+    size : int
+        Side of the square output images (centre crop, then Lanczos resize).
+    classes : tuple of str
+        Class folders to read, in order.
+    n_images : int, optional
+        Keep only the first n images (in sorted class, file order).
+    on_error : {"raise", "skip"}
+        What to do with a file that cannot be read; skipped files are logged and listed in
+        ``provenance["skipped"]``.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    ImageSet
+        uint8 images ``(N, 1, size, size)``, channel ``"gray"``, names ``CLASS/file.jpeg``, ``groups``
+        = patient id (Kermany names tie several images to one child), class per image in
+        ``provenance["classes"]``. Cached on disk.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if size < 8:
+        raise ValueError(f"size must be at least 8 pixels, got {size}")
+    entries = list_images(find_split_dir(root, split), tuple(classes))[:n_images]
+    options = {
+        "split": split,
+        "size": size,
+        "classes": list(classes),
+        "n_images": n_images,
+        "on_error": on_error,
+    }
+
+    def build(writer: ImageSetWriter) -> dict:
+        patients: dict[str, int] = {}
+        kept_classes, skipped, batch, names, groups = [], [], [], [], []
+        for label, path in tqdm(entries, desc=f"chest x-ray {split}", unit="image", disable=not progress):
+            try:
+                batch.append(read_xray(path, size))
+            except ValueError as error:
+                if on_error == "raise":
+                    raise
+                skipped.append({"path": str(path), "error": str(error)})
+                log.warning("skipping %s", error)
+                continue
+            names.append(f"{label}/{path.name}")
+            groups.append(patients.setdefault(patient_key(label, path.name), len(patients)))
+            kept_classes.append(label)
+            if len(batch) == BATCH:
+                writer.append(np.stack(batch)[:, None], names, groups)
+                batch, names, groups = [], [], []
+        if batch:
+            writer.append(np.stack(batch)[:, None], names, groups)
+        if skipped:
+            log.warning("skipped %d of %d chest x-ray files", len(skipped), len(entries))
+        return {"root": str(Path(root).resolve()), "classes": kept_classes, "skipped": skipped}
+
+    return cached_imageset("chestxray", options, [p for _, p in entries], build, ("gray",))

@@ -1,0 +1,65 @@
+"""Named datasets: real layouts brought by the user, and embedded phantoms generated on demand."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from memstudy.data.brats import load_brats
+from memstudy.data.chestxray import load_chestxray
+from memstudy.data.imageset import ImageSet
+
+REAL = {"brats20": "BraTS 2020", "brats21": "BraTS 2021", "chestxray": "Kermany chest x-ray"}
+EMBEDDED = {"brain-phantom": "BraTS-2020-layout MNI152 phantoms", "cxr-phantom": "procedural chest x-rays"}
+DATASETS = (*REAL, *EMBEDDED)
+PHANTOM_OPTIONS = ("phantom_subjects", "phantom_images", "phantom_seed")
+
+
+def load_dataset(name: str, root: str | os.PathLike | None = None, **options: Any) -> ImageSet:
+    """Load a named dataset through the real loaders.
+
+    Parameters
+    ----------
+    name : {"brats20", "brats21", "chestxray", "brain-phantom", "cxr-phantom"}
+        ``brats20``/``brats21``/``chestxray`` read your copy at ``root``. ``brain-phantom`` and
+        ``cxr-phantom`` are generated (once, then cached) in the real layouts and read by the same
+        loaders; ``root`` is then ignored unless given to point at an existing generated copy.
+    root : path, optional
+        Data folder (required for real datasets).
+    **options
+        Loader options (see :func:`load_brats` and :func:`load_chestxray`). The phantoms also take
+        ``phantom_subjects`` / ``phantom_images`` (how many to generate) and ``phantom_seed``.
+
+    Returns
+    -------
+    ImageSet
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+    generator = {key: options.pop(key) for key in PHANTOM_OPTIONS if key in options}
+    if name in REAL:
+        if root is None:
+            raise ValueError(f"dataset {name!r} ({REAL[name]}) needs root=, the folder of your copy")
+        if generator:
+            raise ValueError(f"{', '.join(generator)} only apply to the embedded phantom datasets")
+    if name == "brats20":
+        return load_brats(root, year=2020, **options)
+    if name == "brats21":
+        return load_brats(root, year=2021, **options)
+    if name == "chestxray":
+        return load_chestxray(root, **options)
+    from memstudy.data import phantoms  # imports nilearn, which is slow: only when needed
+
+    if name == "brain-phantom":
+        root = root or phantoms.brain_phantom_root(
+            n_subjects=generator.get("phantom_subjects", phantoms.DEFAULT_BRAIN_SUBJECTS),
+            seed=generator.get("phantom_seed", 0),
+            progress=options.get("progress", True),
+        )
+        return load_brats(root, year=2020, **options)
+    root = root or phantoms.cxr_phantom_root(
+        n_images=generator.get("phantom_images", phantoms.DEFAULT_CXR_IMAGES),
+        seed=generator.get("phantom_seed", 0),
+        progress=options.get("progress", True),
+    )
+    return load_chestxray(root, **options)

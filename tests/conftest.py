@@ -1,0 +1,110 @@
+"""Shared fixtures: tiny copies of the real data layouts, written at test time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+TINY_SHAPE = (24, 24, 12)
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch) -> Path:
+    """Give every test its own empty data cache."""
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("MEMSTUDY_CACHE", str(cache))
+    return cache
+
+
+def brats_volumes(shape: tuple[int, int, int], seed: int) -> dict[str, np.ndarray]:
+    """Volumes of a made-up subject: a bright ellipsoid 'brain' whose size varies along z, and a tumour."""
+    rng = np.random.default_rng(seed)
+    x, y, _ = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij")
+    radius = 0.2 + 0.8 * np.linspace(0, 1, shape[2])[None, None, :]  # bigger brain towards the top
+    brain = (x**2 + y**2) < radius**2
+    base = rng.uniform(200, 400) * brain * (1 + 0.2 * rng.standard_normal(shape))
+    volumes = {
+        seq: np.clip(base * gain, 0, None).astype(np.int16)
+        for seq, gain in (("t1", 1.0), ("t2", 1.5), ("flair", 0.8), ("t1ce", 1.2))
+    }
+    seg = np.zeros(shape, np.uint8)
+    cx, cy = rng.integers(shape[0] // 3, 2 * shape[0] // 3, size=2)
+    seg[cx - 2 : cx + 2, cy - 2 : cy + 2, shape[2] // 2 :] = 2
+    seg[cx - 1 : cx + 1, cy - 1 : cy + 1, shape[2] // 2 :] = 4
+    seg[cx, cy, shape[2] // 2 :] = 1
+    volumes["seg"] = seg
+    return volumes
+
+
+def write_subject(folder: Path, shape=TINY_SHAPE, seed=0, suffix=".nii", seg_name=None) -> dict[str, Path]:
+    """Write one subject's five sequences in the BraTS naming scheme; return their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for seq, volume in brats_volumes(shape, seed).items():
+        name = seg_name if seq == "seg" and seg_name else f"{folder.name}_{seq}{suffix}"
+        paths[seq] = folder / name
+        nib.save(nib.Nifti1Image(volume, np.diag([-1.0, -1.0, 1.0, 1.0])), paths[seq])
+    return paths
+
+
+@pytest.fixture
+def brats20_root(tmp_path) -> Path:
+    """A Kaggle-style BraTS 2020 copy: subjects nested two folders down, uncompressed .nii."""
+    root = tmp_path / "kaggle"
+    subjects = root / "BraTS2020_TrainingData" / "MICCAI_BraTS2020_TrainingData"
+    for i in range(1, 7):
+        write_subject(subjects / f"BraTS20_Training_{i:03d}", seed=i)
+    (subjects / "name_mapping.csv").write_text("BraTS_2020_subject_ID\n")
+    return root
+
+
+@pytest.fixture
+def brats21_root(tmp_path) -> Path:
+    """A BraTS 2021 copy: subject folders directly under the root, gzipped .nii.gz."""
+    root = tmp_path / "brats21"
+    for i in (0, 2, 5):
+        write_subject(root / f"BraTS2021_{i:05d}", seed=100 + i, suffix=".nii.gz")
+    return root
+
+
+def write_xray(path: Path, size: tuple[int, int], seed: int, mode: str = "L") -> None:
+    """A smooth random picture (JPEG keeps it nearly intact) of the given (width, height)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    a, b = rng.uniform(0.005, 0.03, size=2)
+    picture = (127 + 100 * np.sin(a * xx + rng.uniform(0, 6)) * np.cos(b * yy)).astype(np.uint8)
+    image = Image.fromarray(picture)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (image.convert("RGB") if mode == "RGB" else image).save(path, quality=95)
+
+
+@pytest.fixture
+def kermany_root(tmp_path) -> Path:
+    """A Kermany layout with the zip's clutter: __MACOSX, ._ files, .DS_Store, nested copy."""
+    root = tmp_path / "cxr"
+    base = root / "chest_xray"
+    sizes = [(120, 90), (90, 130), (100, 100)]
+    for s, split in enumerate(("train", "val", "test")):
+        for c, (label, names) in enumerate(
+            (
+                ("NORMAL", ["IM-0001-0001.jpeg", "IM-0001-0002.jpeg", "NORMAL2-IM-0007-0001.jpeg"]),
+                (
+                    "PNEUMONIA",
+                    ["person1_bacteria_1.jpeg", "person1_bacteria_2.jpeg", "person3_virus_15.jpeg"],
+                ),
+            )
+        ):
+            for i, name in enumerate(names):
+                mode = "RGB" if i == 2 else "L"
+                write_xray(base / split / label / name, sizes[i], seed=100 * s + 10 * c + i, mode=mode)
+            (base / split / label / f"._{names[0]}").write_bytes(b"\x00\x05\x16\x07 mac metadata")
+            (base / split / label / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    write_xray(base / "chest_xray" / "train" / "NORMAL" / "IM-9999-0001.jpeg", (80, 80), seed=7)
+    (root / "__MACOSX" / "chest_xray" / "train" / "NORMAL").mkdir(parents=True)
+    (root / "__MACOSX" / "chest_xray" / "train" / "NORMAL" / "._IM-0001-0001.jpeg").write_bytes(b"junk")
+    return root
