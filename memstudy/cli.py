@@ -12,9 +12,11 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the parser for ``memstudy`` and all of its subcommands."""
+    from memstudy.book import add_book_command
     from memstudy.correlate.command import add_bench_correlate_command, add_correlate_command
     from memstudy.data.command import add_data_command
     from memstudy.models.command import add_bench_train_command, add_model_commands
+    from memstudy.study import add_study_command
 
     parser = argparse.ArgumentParser(
         prog="memstudy",
@@ -26,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_command(commands)
     add_model_commands(commands)
     add_correlate_command(commands)
+    add_study_command(commands)
+    add_book_command(commands)
     bench = commands.add_parser(
         "bench",
         help="measure speed on this machine (ratios measured in one run)",

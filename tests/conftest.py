@@ -108,3 +108,20 @@ def kermany_root(tmp_path) -> Path:
     (root / "__MACOSX" / "chest_xray" / "train" / "NORMAL").mkdir(parents=True)
     (root / "__MACOSX" / "chest_xray" / "train" / "NORMAL" / "._IM-0001-0001.jpeg").write_bytes(b"junk")
     return root
+
+
+@pytest.fixture(scope="session")
+def jupyter_kernel(tmp_path_factory) -> str:
+    """Register the `memstudy` kernel for this interpreter in a private Jupyter path.
+
+    `make install` registers it in the venv; doing it here too keeps the tests independent of that.
+    """
+    import os
+    import subprocess
+    import sys
+
+    prefix = tmp_path_factory.mktemp("jupyter")
+    subprocess.run([sys.executable, "-m", "ipykernel", "install", "--prefix", str(prefix), "--name", "memstudy"],
+                   check=True, capture_output=True)
+    os.environ["JUPYTER_PATH"] = str(prefix / "share" / "jupyter")
+    return "memstudy"

@@ -70,3 +70,14 @@ def test_empty_class_folders_and_foreign_roots_are_rejected(tmp_path):
         load_chestxray(tmp_path / "other", progress=False)
     with pytest.raises(ValueError, match="split must be one of"):
         load_chestxray(tmp_path, split="validation", progress=False)
+
+
+def test_n_subjects_keeps_all_images_of_the_first_patients(kermany_root):
+    imageset = load_chestxray(kermany_root, size=16, n_subjects=2, progress=False)
+    assert imageset.names == (
+        "NORMAL/IM-0001-0001.jpeg",
+        "NORMAL/IM-0001-0002.jpeg",
+        "NORMAL/NORMAL2-IM-0007-0001.jpeg",
+    )
+    with pytest.raises(ValueError, match="n_subjects=5, but the train split has 4 patients"):
+        load_chestxray(kermany_root, n_subjects=5, progress=False)

@@ -96,7 +96,7 @@ def load_chestxray(
     split: Literal["train", "val", "test"] = "train",
     size: int = 256,
     classes: tuple[str, ...] = CLASSES,
-    n_images: int | None = None,
+    n_subjects: int | None = None,
     on_error: Literal["raise", "skip"] = "raise",
     progress: bool = True,
 ) -> ImageSet:
@@ -112,8 +112,9 @@ def load_chestxray(
         Side of the square output images (centre crop, then Lanczos resize).
     classes : tuple of str
         Class folders to read, in order.
-    n_images : int, optional
-        Keep only the first n images (in sorted class, file order).
+    n_subjects : int, optional
+        Keep only the images of the first n patients (in sorted class, file order); a Kermany
+        patient may have several images.
     on_error : {"raise", "skip"}
         What to do with a file that cannot be read; skipped files are logged and listed in
         ``provenance["skipped"]``.
@@ -131,17 +132,24 @@ def load_chestxray(
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if size < 8:
         raise ValueError(f"size must be at least 8 pixels, got {size}")
-    entries = list_images(find_split_dir(root, split), tuple(classes))[:n_images]
+    entries = list_images(find_split_dir(root, split), tuple(classes))
+    patients: dict[str, int] = {}
+    patient_of = [
+        patients.setdefault(patient_key(label, path.name), len(patients)) for label, path in entries
+    ]
+    if n_subjects is not None:
+        if not 1 <= n_subjects <= len(patients):
+            raise ValueError(f"n_subjects={n_subjects}, but the {split} split has {len(patients)} patients")
+        entries = [e for e, p in zip(entries, patient_of, strict=True) if p < n_subjects]
     options = {
         "split": split,
         "size": size,
         "classes": list(classes),
-        "n_images": n_images,
+        "n_subjects": n_subjects,
         "on_error": on_error,
     }
 
     def build(writer: ImageSetWriter) -> dict:
-        patients: dict[str, int] = {}
         kept_classes, skipped, batch, names, groups = [], [], [], [], []
         for label, path in tqdm(entries, desc=f"chest x-ray {split}", unit="image", disable=not progress):
             try:
@@ -153,7 +161,7 @@ def load_chestxray(
                 log.warning("skipping %s", error)
                 continue
             names.append(f"{label}/{path.name}")
-            groups.append(patients.setdefault(patient_key(label, path.name), len(patients)))
+            groups.append(patients[patient_key(label, path.name)])
             kept_classes.append(label)
             if len(batch) == BATCH:
                 writer.append(np.stack(batch)[:, None], names, groups)

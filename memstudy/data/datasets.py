@@ -12,7 +12,7 @@ from memstudy.data.imageset import ImageSet
 REAL = {"brats20": "BraTS 2020", "brats21": "BraTS 2021", "chestxray": "Kermany chest x-ray"}
 EMBEDDED = {"brain-phantom": "BraTS-2020-layout MNI152 phantoms", "cxr-phantom": "procedural chest x-rays"}
 DATASETS = (*REAL, *EMBEDDED)
-PHANTOM_OPTIONS = ("phantom_subjects", "phantom_images", "phantom_seed")
+PHANTOM_OPTIONS = ("phantom_subjects", "phantom_seed")
 
 
 def load_dataset(name: str, root: str | os.PathLike | None = None, **options: Any) -> ImageSet:
@@ -28,7 +28,7 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, **options: An
         Data folder (required for real datasets).
     **options
         Loader options (see :func:`load_brats` and :func:`load_chestxray`). The phantoms also take
-        ``phantom_subjects`` / ``phantom_images`` (how many to generate) and ``phantom_seed``.
+        ``phantom_seed`` and, for ``brain-phantom``, ``phantom_subjects`` (how many to generate).
 
     Returns
     -------
@@ -51,15 +51,18 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, **options: An
     from memstudy.data import phantoms  # imports nilearn, which is slow: only when needed
 
     if name == "brain-phantom":
-        root = root or phantoms.brain_phantom_root(
-            n_subjects=generator.get("phantom_subjects", phantoms.DEFAULT_BRAIN_SUBJECTS),
-            seed=generator.get("phantom_seed", 0),
-            progress=options.get("progress", True),
-        )
+        if root is None:
+            root = phantoms.ensure_phantom(
+                name,
+                seed=generator.get("phantom_seed", 0),
+                n_subjects=generator.get("phantom_subjects", phantoms.DEFAULT_N_SUBJECTS),
+                progress=options.get("progress", True),
+            )
         return load_brats(root, year=2020, **options)
-    root = root or phantoms.cxr_phantom_root(
-        n_images=generator.get("phantom_images", phantoms.DEFAULT_CXR_IMAGES),
-        seed=generator.get("phantom_seed", 0),
-        progress=options.get("progress", True),
-    )
+    if "phantom_subjects" in generator:
+        raise ValueError("phantom_subjects applies to brain-phantom; cxr-phantom has a fixed set per split")
+    if root is None:
+        root = phantoms.ensure_phantom(
+            name, seed=generator.get("phantom_seed", 0), progress=options.get("progress", True)
+        )
     return load_chestxray(root, **options)

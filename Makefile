@@ -1,0 +1,29 @@
+# memstudy — the two set-up commands are `make book` and `make test` (see README.md).
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: install book test lint clean
+
+install: $(INSTALLED)
+
+# The venv is rebuilt when the dependencies change; the Jupyter kernel `memstudy` points papermill at it.
+$(INSTALLED): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m ipykernel install --prefix $(VENV) --name memstudy --display-name "memstudy (.venv)" >/dev/null
+	touch $@
+
+book: install
+	$(BIN)/memstudy book
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf _build book/notebooks

@@ -1,0 +1,102 @@
+"""Summaries of datasets and of memorization measurements."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from memstudy.data import ImageSet
+
+SLICE_NAME = re.compile(r"/z(\d+)$")
+
+
+def slice_positions(imageset: ImageSet) -> np.ndarray | None:
+    """Axial position of every image from names like ``subject/z078``; None if images are not slices."""
+    matches = [SLICE_NAME.search(name) for name in imageset.names]
+    if not all(matches):
+        return None
+    return np.array([int(m.group(1)) for m in matches], dtype=np.int64)
+
+
+def standardized(images: np.ndarray) -> np.ndarray:
+    """Flatten images and scale each to zero mean and unit norm (float32), so that r = a @ b.T."""
+    flat = np.asarray(images, dtype=np.float64).reshape(len(images), -1)
+    flat -= flat.mean(axis=1, keepdims=True)
+    norms = np.linalg.norm(flat, axis=1, keepdims=True)
+    norms[norms == 0] = np.nan  # a constant image has no defined correlation
+    return (flat / norms).astype(np.float32)
+
+
+def dataset_summary(imageset: ImageSet) -> dict:
+    """Counts that describe an ImageSet: images, subjects, shape, images per subject."""
+    _, per_subject = np.unique(imageset.groups, return_counts=True)
+    return {
+        "images": len(imageset),
+        "subjects": int(per_subject.size),
+        "image_shape": list(imageset.image_shape),
+        "channels": list(imageset.channels),
+        "images_per_subject_median": float(np.median(per_subject)),
+        "images_per_subject_min": int(per_subject.min()),
+        "images_per_subject_max": int(per_subject.max()),
+    }
+
+
+def correlation_by_slice_distance(
+    imageset: ImageSet, *, channel: int = 0, max_distance: int = 10
+) -> dict[int, np.ndarray]:
+    """Pearson r between slices of the same subject, grouped by their axial distance.
+
+    Returns ``{distance: r values}`` for distances 1..max_distance (only distances that occur).
+    """
+    z = slice_positions(imageset)
+    if z is None:
+        raise ValueError("correlation_by_slice_distance needs slice names like 'subject/z078'")
+    found: dict[int, list[np.ndarray]] = {d: [] for d in range(1, max_distance + 1)}
+    for group in np.unique(imageset.groups):
+        members = np.flatnonzero(imageset.groups == group)
+        unit = standardized(imageset.images[members, channel])
+        r = unit @ unit.T
+        distance = np.abs(z[members][:, None] - z[members][None, :])
+        for d in found:
+            upper = np.triu(distance == d, k=1)
+            found[d].append(r[upper])
+    return {d: np.concatenate(v) for d, v in found.items() if sum(map(len, v))}
+
+
+def nearest_other_subject(
+    imageset: ImageSet, *, channel: int = 0, max_images: int = 2000, seed: int = 0
+) -> np.ndarray:
+    """For each image, the highest Pearson r with any image of another subject.
+
+    At most ``max_images`` images (a fixed random subset) are compared, to keep this quick.
+    This is the level two *different* people's images reach; copies sit far above it.
+    """
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.permutation(len(imageset))[:max_images])
+    unit = standardized(imageset.images[chosen, channel])
+    r = unit @ unit.T
+    groups = imageset.groups[chosen]
+    r[groups[:, None] == groups[None, :]] = -np.inf
+    return np.nanmax(r, axis=1)
+
+
+def neighbour_statistics(imageset: ImageSet, *, channel: int = 0, max_distance: int = 10) -> dict:
+    """How alike a dataset's images are: within a volume by slice distance, and across subjects.
+
+    Returns a dict with ``other_subject`` (each image's best r with another subject's image),
+    ``by_distance`` (``{d: r values}`` for slices d apart in one subject, or None when the images
+    are not slices of volumes) and their medians, ready for the data notebook's summary.
+    """
+    by_distance = None
+    if slice_positions(imageset) is not None:
+        by_distance = correlation_by_slice_distance(imageset, channel=channel, max_distance=max_distance)
+    other = nearest_other_subject(imageset, channel=channel)
+    return {
+        "by_distance": by_distance,
+        "other_subject": other,
+        "median_adjacent_r": float(np.nanmedian(by_distance[1]))
+        if by_distance and 1 in by_distance
+        else None,
+        "median_other_subject_r": float(np.nanmedian(other)),
+    }
