@@ -121,7 +121,10 @@ def jupyter_kernel(tmp_path_factory) -> str:
     import sys
 
     prefix = tmp_path_factory.mktemp("jupyter")
-    subprocess.run([sys.executable, "-m", "ipykernel", "install", "--prefix", str(prefix), "--name", "memstudy"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "ipykernel", "install", "--prefix", str(prefix), "--name", "memstudy"],
+        check=True,
+        capture_output=True,
+    )
     os.environ["JUPYTER_PATH"] = str(prefix / "share" / "jupyter")
     return "memstudy"

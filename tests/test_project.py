@@ -23,7 +23,9 @@ def pinned(lines):
         line = line.split("#")[0].strip()
         if "==" in line and not line.startswith("-"):
             requirement = Requirement(line)
-            pins[re.sub(r"[-_.]+", "-", requirement.name).lower()] = str(requirement.specifier).removeprefix("==")
+            pins[re.sub(r"[-_.]+", "-", requirement.name).lower()] = str(requirement.specifier).removeprefix(
+                "=="
+            )
     return pins
 
 
@@ -44,8 +46,11 @@ def test_every_dependency_is_locked_and_the_lock_satisfies_pyproject():
 def test_environment_yml_lists_the_same_packages_at_the_locked_versions():
     environment = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_section = next(d["pip"] for d in environment["dependencies"] if isinstance(d, dict))
-    commented = [line.strip().lstrip("#").strip().lstrip("- ")
-                 for line in (ROOT / "environment.yml").read_text().splitlines() if line.strip().startswith("# -")]
+    commented = [
+        line.strip().lstrip("#").strip().lstrip("- ")
+        for line in (ROOT / "environment.yml").read_text().splitlines()
+        if line.strip().startswith("# -")
+    ]
     conda = pinned(pip_section + commented)
     locked = pinned((ROOT / "constraints.txt").read_text().splitlines())
     expected = {re.sub(r"[-_.]+", "-", r.name).lower() for r in project_requirements()}
@@ -57,12 +62,15 @@ def test_environment_yml_lists_the_same_packages_at_the_locked_versions():
 def test_notebooks_are_committed_without_outputs_and_with_a_parameters_cell(notebook):
     cells = json.loads(notebook.read_text())["cells"]
     code = [c for c in cells if c["cell_type"] == "code"]
-    assert all(not c["outputs"] and c["execution_count"] is None for c in code), f"{notebook.name} has outputs"
+    assert all(not c["outputs"] and c["execution_count"] is None for c in code), (
+        f"{notebook.name} has outputs"
+    )
     assert sum("parameters" in c["metadata"].get("tags", []) for c in cells) == 1
 
 
 def test_help_explains_every_subcommand():
-    result = subprocess.run([sys.executable, "-m", "memstudy.cli", "--help"], capture_output=True, text=True,
-                            check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "memstudy.cli", "--help"], capture_output=True, text=True, check=True
+    )
     for command in ("data", "train", "sample", "correlate", "study", "book", "bench"):
         assert re.search(rf"^\s+{command}\s+\w", result.stdout, re.M), f"'{command}' is not explained"

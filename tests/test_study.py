@@ -8,6 +8,17 @@ import pytest
 from memstudy.study import StudyError, load_plan, run_plan
 
 
+@pytest.fixture(scope="module")
+def study_cache(tmp_path_factory):
+    """One data cache for this module, so the cxr phantom is generated once."""
+    return tmp_path_factory.mktemp("study-cache")
+
+
+@pytest.fixture(autouse=True)
+def shared_cache(study_cache, monkeypatch):
+    monkeypatch.setenv("MEMSTUDY_CACHE", str(study_cache))
+
+
 def write_plan(tmp_path, text):
     path = tmp_path / "plan.yaml"
     path.write_text(text)
@@ -21,11 +32,17 @@ def test_a_plan_executes_the_data_notebook_and_a_rerun_skips_it(tmp_path, jupyte
     assert first["executed"] == [output]
     notebook = nbformat.read(output, as_version=4)
     outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
-    glued = {o["metadata"]["scrapbook"]["name"]: o["data"] for o in outputs if "scrapbook" in o.get("metadata", {})}
+    glued = {
+        o["metadata"]["scrapbook"]["name"]: o["data"] for o in outputs if "scrapbook" in o.get("metadata", {})
+    }
     assert set(glued) == {"n_images", "n_subjects", "other_r", "adjacent_r"}
     assert glued["n_images"]["application/papermill.record/text/plain"] == "6"
     assert any("plotly-graph-div" in o.get("data", {}).get("text/html", "") for o in outputs)
-    assert notebook.metadata["memstudy"]["parameters"] == {"dataset": "cxr-phantom", "size": 32, "n_subjects": 6}
+    assert notebook.metadata["memstudy"]["parameters"] == {
+        "dataset": "cxr-phantom",
+        "size": 32,
+        "n_subjects": 6,
+    }
     again = run_plan(plan, output_dir=tmp_path / "out")
     assert again == {"executed": [], "skipped": [output], "failed": []}
 
