@@ -15,10 +15,9 @@ import pytest
 from PIL import Image
 
 from memstudy.data import phantoms
+from memstudy.data.brain_phantom import BRATS_AFFINE, BRATS_DIR
+from memstudy.data.phantom_tools import COMPLETE_MARKER
 from memstudy.data.phantoms import (
-    BRATS_AFFINE,
-    BRATS_DIR,
-    COMPLETE_MARKER,
     brain_phantom_subject,
     chest_xray_phantom_image,
     ensure_phantom,
