@@ -1,0 +1,573 @@
+"""Train a model on an ImageSet with resumable checkpoints, and sample from any kept checkpoint.
+
+A run directory holds everything one training run writes::
+
+    run_dir/
+      params.json                    model, config, seed, image shape, channels, dataset fingerprint
+      log.json                       losses per step (averaged over ``log_every``), images/s
+      checkpoints/step_00001000.pt   weights, EMA, optimizer state (torch.save, written atomically)
+
+Randomness is counter-based: the data order of epoch e and the noise of step s come from seeds derived
+from (seed, e) and (seed, rank, s). A checkpoint therefore needs no RNG state, and a resumed run on CPU
+repeats an uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from memstudy.atomic import atomic_path, write_json
+from memstudy.data.imageset import ImageSet
+from memstudy.models import ddpm, stylegan
+from memstudy.models.configs import TrainingConfig, config_to_dict, resolve_config
+from memstudy.models.distributed import (
+    DistInfo,
+    barrier,
+    init_distributed,
+    resolve_device,
+    shutdown_distributed,
+)
+
+logger = logging.getLogger(__name__)
+
+PARAMS_FILE = "params.json"
+LOG_FILE = "log.json"
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_FORMAT = 1
+_TRAINERS = {"ddpm": ddpm.DDPMTrainer, "stylegan": stylegan.StyleGANTrainer}
+# Config fields that change bookkeeping, not the weights: a resumed run may change them.
+_BOOKKEEPING = {"name", "checkpoint_every", "keep_checkpoints", "log_every", "amp"}
+# Independent random streams derived from the run's seed.
+_STREAM_INIT, _STREAM_DATA, _STREAM_STEP, _STREAM_SAMPLE = range(4)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes
+    ----------
+    run_dir : Path
+    step : int
+        Steps trained in total.
+    checkpoint : Path
+        The checkpoint written at ``step``.
+    trainer : DDPMTrainer or StyleGANTrainer
+        The networks as trained in this process (``trainer.state_dict()``).
+    """
+
+    run_dir: Path
+    step: int
+    checkpoint: Path
+    trainer: Any
+
+
+def to_model_range(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 0–255 → float32 in [-1, 1], as the paper's loaders: ``x / 127.5 - 1``."""
+    return torch.as_tensor(np.asarray(images)).to(torch.float32) / 127.5 - 1.0
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Float in [-1, 1] → uint8 0–255: ``(x + 1) · 127.5``, rounded and clipped.
+
+    Rounding makes this the exact inverse of :func:`to_model_range`. NVlabs' ``x · 127.5 + 128``
+    truncated rounds too (ties aside); guided-diffusion truncates ``(x + 1) · 127.5``, which is half a
+    level darker on average and not an exact inverse.
+    """
+    return ((x.detach().float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+
+
+@contextlib.contextmanager
+def flush_denormals() -> Iterator[None]:
+    """Treat denormal floats as zero on the CPU while inside (and not afterwards).
+
+    Adam's second moments of tiny gradients become denormal, and x86 CPUs compute with those many
+    times slower: a tiny DDPM trained ~3× slower without this. Values below ~1e-38 become 0.
+    """
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def derive_seed(seed: int, *keys: int) -> int:
+    """Return a 63-bit seed for the stream ``keys`` of ``seed`` (independent streams, no collisions)."""
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def batch_indices(n_images: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Indices of the global batch for ``step``.
+
+    Each epoch is a permutation seeded by (seed, epoch); the last partial batch of an epoch is dropped.
+    """
+    per_epoch = n_images // batch_size
+    epoch, k = divmod(step, per_epoch)
+    generator = torch.Generator().manual_seed(derive_seed(seed, _STREAM_DATA, epoch))
+    perm = torch.randperm(n_images, generator=generator).numpy()
+    return perm[k * batch_size : (k + 1) * batch_size]
+
+
+def check_training_setup(
+    model_name: str, config: TrainingConfig, imageset: ImageSet, world_size: int = 1
+) -> None:
+    """Raise ValueError if ``config`` cannot train on ``imageset``; called before anything is built.
+
+    Checks the image size against the config and the architecture (power of two for StyleGAN, a
+    multiple of the U-Net's downsampling for DDPM), the channel count, and that the images fill a batch.
+    """
+    shape = imageset.image_shape
+    channels, spatial = shape[0], shape[1:]
+    if config.image_channels is not None and config.image_channels != channels:
+        raise ValueError(
+            f"the ImageSet has {channels} channels {imageset.channels} but the {config.name!r} config "
+            f"expects image_channels={config.image_channels}"
+        )
+    if config.image_size is not None and any(s != config.image_size for s in spatial):
+        raise ValueError(
+            f"the ImageSet's images are {'×'.join(map(str, spatial))} but the {config.name!r} config expects "
+            f"image_size={config.image_size}; prepare the data at that size or override image_size"
+        )
+    if model_name == "ddpm":
+        ddpm.check_ddpm_shape(config, shape)
+    else:
+        stylegan.check_stylegan_shape(config, shape)
+    if len(imageset) < config.batch_size:
+        raise ValueError(
+            f"the ImageSet has {len(imageset)} images, fewer than batch_size={config.batch_size}; "
+            f"use more images or override batch_size"
+        )
+    if config.batch_size % world_size:
+        raise ValueError(f"batch_size={config.batch_size} must be a multiple of the {world_size} processes")
+
+
+def dataset_fingerprint(imageset: ImageSet) -> str:
+    """A short hash of the ImageSet's layout, names, groups and up to 64 of its images."""
+    h = hashlib.sha256()
+    h.update(
+        json.dumps([list(imageset.images.shape), list(imageset.channels), list(imageset.names)]).encode()
+    )
+    h.update(imageset.groups.tobytes())
+    h.update(np.ascontiguousarray(imageset.images[:: max(1, len(imageset) // 64)]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
+    """Path of the checkpoint written after ``step`` steps."""
+    return Path(run_dir) / CHECKPOINT_DIR / f"step_{step:08d}.pt"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> dict[int, Path]:
+    """The run's checkpoints by step, in increasing order."""
+    found = {}
+    for path in (Path(run_dir) / CHECKPOINT_DIR).glob("step_*.pt"):
+        with contextlib.suppress(ValueError):
+            found[int(path.stem.removeprefix("step_"))] = path
+    return dict(sorted(found.items()))
+
+
+def find_checkpoint(run_dir: str | os.PathLike, checkpoint: str | int = "last") -> Path:
+    """Return the checkpoint ``"last"`` or at step ``checkpoint``; FileNotFoundError names what exists."""
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise FileNotFoundError(f"{run_dir}: no checkpoints in {CHECKPOINT_DIR}/")
+    if checkpoint == "last":
+        return found[max(found)]
+    if int(checkpoint) not in found:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint at step {checkpoint}; kept steps: {list(found)}")
+    return found[int(checkpoint)]
+
+
+def read_params(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The run's ``params.json``."""
+    path = Path(run_dir) / PARAMS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: not a training run (no {PARAMS_FILE})")
+    return json.loads(path.read_text())
+
+
+def train(
+    model_name: str,
+    imageset: ImageSet | str | os.PathLike,
+    config: str | TrainingConfig | dict,
+    run_dir: str | os.PathLike,
+    *,
+    steps: int | None = None,
+    kimg: float | None = None,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    **overrides: Any,
+) -> TrainResult:
+    """Train ``model_name`` on ``imageset``, resuming from the newest checkpoint in ``run_dir``.
+
+    Parameters
+    ----------
+    model_name : {"ddpm", "stylegan"}
+    imageset : ImageSet or path to a saved ImageSet
+        uint8 training images; the model trains at their size and channel count.
+    config : str, config dataclass or dict
+        ``"tiny"`` (CPU demo), ``"paper"`` (the authors' settings) or a :mod:`~memstudy.models.configs`
+        dataclass; ``overrides`` replace fields (``base_channels=64``, ``keep_checkpoints=[1000, 2000]``).
+    run_dir : path
+        Where ``params.json``, ``log.json`` and ``checkpoints/`` go; an existing run is resumed.
+    steps, kimg : int or float
+        Total length of training (not the increment), in optimizer steps or thousands of images;
+        give exactly one.
+    seed : int
+        Seeds initialization, data order and noise; the same seed gives the same weights on CPU.
+    device : str
+        ``"auto"`` (CUDA if present), ``"cpu"``, ``"cuda"``. Under ``torchrun`` each process uses
+        its local GPU and gradients are averaged across processes.
+    progress : bool
+        Show a progress bar with loss and images/s (rank 0 only).
+
+    Returns
+    -------
+    TrainResult
+
+    Notes
+    -----
+    A checkpoint is written every ``checkpoint_every`` steps, at each step in ``keep_checkpoints``
+    and at the end; older checkpoints not in ``keep_checkpoints`` are deleted once a newer one exists.
+    """
+    if model_name not in _TRAINERS:
+        raise ValueError(f"unknown model {model_name!r}; expected one of {tuple(_TRAINERS)}")
+    cfg = resolve_config(model_name, config, **overrides)
+    if not isinstance(imageset, ImageSet):
+        imageset = ImageSet.load(imageset)
+    if (steps is None) == (kimg is None):
+        raise ValueError("give the length of training as exactly one of steps= or kimg=")
+    total = int(steps) if steps is not None else math.ceil(kimg * 1000 / cfg.batch_size)
+    if total < 1:
+        raise ValueError(f"training needs at least one step, got steps={total}")
+    derive_seed(seed)  # rejects a negative seed before anything starts
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    check_training_setup(model_name, cfg, imageset, world_size)
+
+    run_dir = Path(run_dir)
+    dist = init_distributed(device)
+    try:
+        _start_run(model_name, cfg, imageset, run_dir, seed=seed, steps=total, dist=dist)
+        devices = [dist.device.index] if dist.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), flush_denormals():
+            return _train_loop(model_name, cfg, imageset, run_dir, total, seed, dist, progress)
+    finally:
+        shutdown_distributed(dist)
+
+
+def _start_run(
+    model_name: str,
+    cfg: TrainingConfig,
+    imageset: ImageSet,
+    run_dir: Path,
+    *,
+    seed: int,
+    steps: int,
+    dist: DistInfo,
+) -> dict[str, Any]:
+    """Write ``params.json``, or check that an existing run is the same training; return the params."""
+    params = {
+        "model": model_name,
+        "config": config_to_dict(cfg),
+        "seed": seed,
+        "steps": steps,
+        "image_shape": list(imageset.image_shape),
+        "channels": list(imageset.channels),
+        "n_images": len(imageset),
+        "dataset": {"fingerprint": dataset_fingerprint(imageset), "provenance": imageset.provenance},
+        "world_size": dist.world_size,
+        "torch": torch.__version__,
+    }
+    if (run_dir / PARAMS_FILE).is_file():
+        old = read_params(run_dir)
+        same = ["model", "seed", "image_shape", "channels", "n_images"]
+        diffs = [k for k in same if old.get(k) != params[k]]
+        if old["dataset"]["fingerprint"] != params["dataset"]["fingerprint"]:
+            diffs.append("dataset")
+        diffs += [
+            f"config.{k}"
+            for k, v in params["config"].items()
+            if k not in _BOOKKEEPING and old["config"].get(k) != v
+        ]
+        if diffs:
+            raise ValueError(
+                f"{run_dir} holds a different training run (differs in {', '.join(diffs)}); "
+                f"use a new run_dir or the same settings to resume"
+            )
+        if old["world_size"] != dist.world_size:
+            logger.warning(
+                "resuming %s with %d processes (was %d): noise streams differ from an uninterrupted run",
+                run_dir,
+                dist.world_size,
+                old["world_size"],
+            )
+    if dist.is_main:
+        write_json(run_dir / PARAMS_FILE, params)
+    return params
+
+
+def _train_loop(
+    model_name: str,
+    cfg: TrainingConfig,
+    imageset: ImageSet,
+    run_dir: Path,
+    total: int,
+    seed: int,
+    dist: DistInfo,
+    progress: bool,
+) -> TrainResult:
+    torch.manual_seed(derive_seed(seed, _STREAM_INIT))  # identical initial weights on every rank
+    trainer = _TRAINERS[model_name](cfg, imageset.image_shape, dist.device, dist)
+    start, records = 0, []
+    if list_checkpoints(run_dir):
+        path = find_checkpoint(run_dir)
+        state = torch.load(path, map_location=dist.device, weights_only=True)
+        trainer.load_state_dict(state["state"])
+        start = int(state["step"])
+        records = [r for r in read_log(run_dir) if r["step"] <= start]
+        logger.info("resuming %s from step %d (%s)", run_dir, start, path.name)
+    n_params = sum(p.numel() for p in trainer.sampling_network().parameters())
+    logger.info(
+        "training %s/%s on %d images %s, %.2f M parameters (sampling network), steps %d→%d, "
+        "%d process(es) on %s",
+        model_name,
+        cfg.name,
+        len(imageset),
+        tuple(imageset.image_shape),
+        n_params / 1e6,
+        start,
+        total,
+        dist.world_size,
+        dist.device,
+    )
+    if start >= total:
+        return TrainResult(run_dir, start, find_checkpoint(run_dir), trainer)
+
+    local = cfg.batch_size // dist.world_size
+    keep = set(cfg.keep_checkpoints)
+    pending: dict[str, list[float]] = {}
+    n_pending = 0
+    bar = tqdm(
+        total=total,
+        initial=start,
+        unit="step",
+        disable=not (progress and dist.is_main),
+        desc=f"{model_name}/{cfg.name}",
+    )
+    t_record = time.perf_counter()
+    for step in range(start, total):
+        idx = batch_indices(len(imageset), cfg.batch_size, seed, step)[
+            dist.rank * local : (dist.rank + 1) * local
+        ]
+        x = to_model_range(imageset.images[idx]).to(dist.device, non_blocking=True)
+        torch.manual_seed(derive_seed(seed, _STREAM_STEP, dist.rank, step))
+        t0 = time.perf_counter()
+        losses = trainer.train_step(x, step)
+        rate = cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
+        for key, value in losses.items():
+            pending.setdefault(key, []).append(value)
+        n_pending += 1
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.4f}" for k, v in losses.items()} | {"img/s": f"{rate:.3g}"}, refresh=False)
+        checkpointing = done % cfg.checkpoint_every == 0 or done in keep or done == total
+        # A record also closes at each checkpoint, so a resumed run logs what an uninterrupted one does.
+        if done % cfg.log_every == 0 or checkpointing:
+            now = time.perf_counter()
+            records.append(
+                {
+                    "step": done,
+                    **{k: float(np.mean(v)) for k, v in pending.items()},
+                    "images_per_s": cfg.batch_size * n_pending / max(now - t_record, 1e-9),
+                }
+            )
+            pending, n_pending, t_record = {}, 0, now
+        if checkpointing:
+            _save_checkpoint(run_dir, done, model_name, cfg, trainer, records, keep, dist)
+    bar.close()
+    return TrainResult(run_dir, total, checkpoint_path(run_dir, total), trainer)
+
+
+def _save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model_name: str,
+    cfg: TrainingConfig,
+    trainer: Any,
+    records: list[dict],
+    keep: set[int],
+    dist: DistInfo,
+) -> None:
+    """Rank 0 writes the log and the checkpoint atomically, then prunes; every rank waits for it.
+
+    The log goes first: a run killed in between resumes from the previous checkpoint and drops the log's
+    later records.
+    """
+    if dist.is_main:
+        path = checkpoint_path(run_dir, step)
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "model": model_name,
+            "step": step,
+            "world_size": dist.world_size,
+            "config": config_to_dict(cfg),
+            "state": trainer.state_dict(),
+        }
+        write_json(run_dir / LOG_FILE, {"model": model_name, "records": records})
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+        for old_step, old_path in list_checkpoints(run_dir).items():
+            if old_step < step and old_step not in keep:
+                old_path.unlink(missing_ok=True)
+        logger.debug("checkpoint %s", path)
+    barrier(dist)
+
+
+def read_log(run_dir: str | os.PathLike) -> list[dict[str, float]]:
+    """The run's log: ``step`` (steps done), mean losses since the last record and ``images_per_s``."""
+    path = Path(run_dir) / LOG_FILE
+    return json.loads(path.read_text())["records"] if path.is_file() else []
+
+
+def load_sampling_network(
+    run_dir: str | os.PathLike, checkpoint: str | int = "last", *, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, TrainingConfig, dict, int]:
+    """Return (EMA network in eval mode, config, params, step) of one checkpoint."""
+    params = read_params(run_dir)
+    model_name = params["model"]
+    cfg = resolve_config(model_name, params["config"])
+    shape = tuple(params["image_shape"])
+    path = find_checkpoint(run_dir, checkpoint)
+    state = torch.load(path, map_location=device, weights_only=True)
+    # The initial weights are overwritten; building them must not move the caller's random state.
+    with torch.random.fork_rng(devices=[]):
+        if model_name == "ddpm":
+            net, key = ddpm.build_unet(cfg, shape), "ema"
+        else:
+            net, key = stylegan.Generator(cfg, shape), "G_ema"
+    net.load_state_dict(state["state"][key])
+    return net.to(device).eval().requires_grad_(False), cfg, params, int(state["step"])
+
+
+def sample(
+    run_dir: str | os.PathLike,
+    n: int,
+    *,
+    seed: int,
+    steps: int | None = None,
+    checkpoint: str | int = "last",
+    truncation_psi: float | None = None,
+    batch_size: int = 64,
+    device: str | torch.device = "auto",
+    out: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> ImageSet:
+    """Draw ``n`` synthetic images from a run's EMA network at one checkpoint.
+
+    Parameters
+    ----------
+    run_dir : path
+        A run written by :func:`train`.
+    n : int
+        Number of images.
+    seed : int
+        The same seed (and ``batch_size``) gives the same images.
+    steps : int or None
+        DDPM only: sampling steps; None takes the config's ``sample_steps``. ``num_train_timesteps``
+        (or a config value of None) runs the full ancestral chain, fewer steps run DDIM (η = 0).
+    checkpoint : "last" or int
+        Which checkpoint (by step) to sample from; see :func:`list_checkpoints`.
+    truncation_psi : float or None
+        StyleGAN only: truncation ψ; None takes the config's (1 = none).
+    batch_size : int
+        Images generated at a time.
+    device : str
+        ``"auto"`` (CUDA if present), ``"cpu"`` or ``"cuda"``.
+    out : path to a ``.npy`` file, optional
+        Write the images there batch by batch (atomically, memory-mapped) instead of holding them in
+        memory: 100,000 BraTS-sized images are 33 GB.
+    progress : bool
+        Show a progress bar over batches.
+
+    Returns
+    -------
+    ImageSet
+        uint8 images with the training images' shape and channel names (a read-only memmap of ``out``
+        when given); names ``sample_000000``..., one group per image; provenance records run,
+        checkpoint step, seed and sampler.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if out is not None and Path(out).suffix != ".npy":
+        raise ValueError(f"out must be a .npy file, got {out}")
+    dev = resolve_device(device)
+    net, cfg, params, step = load_sampling_network(run_dir, checkpoint, device=dev)
+    model_name, shape = params["model"], tuple(params["image_shape"])
+    if model_name == "ddpm":
+        if truncation_psi is not None:
+            raise ValueError("truncation_psi applies to StyleGAN runs only")
+        steps = cfg.sample_steps if steps is None else steps
+        sampler = "ddpm-ancestral" if steps in (None, cfg.num_train_timesteps) else f"ddim-{steps}"
+    else:
+        if steps is not None:
+            raise ValueError("steps applies to DDPM runs only")
+        truncation_psi = cfg.truncation_psi if truncation_psi is None else truncation_psi
+        sampler = f"stylegan-psi{truncation_psi:g}"
+    amp = cfg.amp and dev.type == "cuda"
+    devices = [dev.index or 0] if dev.type == "cuda" else []
+    with contextlib.ExitStack() as stack:
+        if out is None:
+            images = np.empty((n, *shape), dtype=np.uint8)
+        else:
+            tmp = stack.enter_context(atomic_path(out))
+            images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, *shape))
+        stack.enter_context(torch.random.fork_rng(devices=devices))
+        stack.enter_context(flush_denormals())
+        torch.manual_seed(derive_seed(seed, _STREAM_SAMPLE))
+        for start in tqdm(range(0, n, batch_size), disable=not progress, desc="sampling", unit="batch"):
+            m = min(batch_size, n - start)
+            if model_name == "ddpm":
+                x = ddpm.generate(net, cfg, m, shape, steps=steps, device=dev, amp=amp)
+            else:
+                x = stylegan.generate(net, m, truncation_psi=truncation_psi, device=dev, amp=amp)
+            images[start : start + m] = to_uint8(x)
+        if out is not None:
+            images.flush()
+            del images
+    if out is not None:
+        images = np.load(out, mmap_mode="r")
+    provenance = {
+        "model": model_name,
+        "config": cfg.name,
+        "run_dir": str(run_dir),
+        "checkpoint_step": step,
+        "seed": seed,
+        "sampler": sampler,
+        "batch_size": batch_size,
+        "training_dataset": params["dataset"]["fingerprint"],
+    }
+    return ImageSet(
+        images,
+        tuple(f"sample_{i:06d}" for i in range(n)),
+        np.arange(n),
+        tuple(params["channels"]),
+        provenance,
+    )
