@@ -2,34 +2,39 @@
 
 ``train(model_name, imageset, config, run_dir, steps=...)`` writes resumable checkpoints;
 ``sample(run_dir, n, seed=..., checkpoint=...)`` returns a uint8 ImageSet shaped like the training data.
+
+The names below are imported on first use: importing torch and MONAI takes seconds, and
+``memstudy --help`` should not pay for it.
 """
 
-from memstudy.models.configs import CONFIGS, DDPMConfig, StyleGANConfig, TrainingConfig, resolve_config
-from memstudy.models.training import (
-    TrainResult,
-    find_checkpoint,
-    list_checkpoints,
-    read_log,
-    read_params,
-    sample,
-    to_model_range,
-    to_uint8,
-    train,
-)
+import importlib
 
-__all__ = [
-    "CONFIGS",
-    "DDPMConfig",
-    "StyleGANConfig",
-    "TrainResult",
-    "TrainingConfig",
-    "find_checkpoint",
-    "list_checkpoints",
-    "read_log",
-    "read_params",
-    "resolve_config",
-    "sample",
-    "to_model_range",
-    "to_uint8",
-    "train",
-]
+_EXPORTS = {
+    "memstudy.models.configs": (
+        "CONFIGS",
+        "DDPMConfig",
+        "StyleGANConfig",
+        "TrainingConfig",
+        "resolve_config",
+    ),
+    "memstudy.models.training": (
+        "TrainResult",
+        "find_checkpoint",
+        "list_checkpoints",
+        "read_log",
+        "read_params",
+        "sample",
+        "to_model_range",
+        "to_uint8",
+        "train",
+    ),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'memstudy.models' has no attribute {name!r}")
+    return getattr(importlib.import_module(_MODULE_OF[name]), name)
