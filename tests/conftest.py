@@ -128,3 +128,25 @@ def jupyter_kernel(tmp_path_factory) -> str:
     )
     os.environ["JUPYTER_PATH"] = str(prefix / "share" / "jupyter")
     return "memstudy"
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run torch on one thread: tiny models gain nothing from a second, and where other work shares
+    the two cores, spin-waiting thread pairs run several times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def blobs():
+    """Four 16×16 one-channel images, one bright disc in a different quadrant each."""
+    from memstudy.data import ImageSet
+
+    yy, xx = np.mgrid[:16, :16]
+    discs = [np.clip(1.3 - np.hypot(yy - 4 - 8 * (k // 2), xx - 4 - 8 * (k % 2)) / 5, 0, 1) for k in range(4)]
+    return ImageSet((np.stack(discs)[:, None] * 255).astype(np.uint8), list("abcd"), range(4), ["x"])

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from memstudy.data import ImageSet
 from memstudy.models import read_log, resolve_config, sample, train
 from memstudy.models.stylegan import (
     Discriminator,
@@ -18,23 +17,7 @@ from memstudy.models.stylegan import (
     upsample2d,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run on one thread: tiny models gain nothing from a second, and where other work shares the two
-    cores, spin-waiting thread pairs run several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def blobs() -> ImageSet:
-    """Four 16×16 images, one bright disc in a different quadrant each."""
-    yy, xx = np.mgrid[:16, :16]
-    discs = [np.clip(1.3 - np.hypot(yy - 4 - 8 * (k // 2), xx - 4 - 8 * (k % 2)) / 5, 0, 1) for k in range(4)]
-    return ImageSet((np.stack(discs)[:, None] * 255).astype(np.uint8), list("abcd"), range(4), ["x"])
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
