@@ -46,8 +46,9 @@ class ImageSetWriter:
     Images are appended to a raw file; :meth:`finish` turns it into ``images.npy`` and ``meta.json``.
     """
 
-    def __init__(self, directory: Path, channels: tuple[str, ...]):
+    def __init__(self, directory: Path, channels: tuple[str, ...], label: str):
         self.directory = directory
+        self.label = label
         self.channels = channels
         self.names: list[str] = []
         self.groups: list[int] = []
@@ -76,7 +77,10 @@ class ImageSetWriter:
         """Write ``images.npy`` and ``meta.json`` (meta last, so its presence marks completion)."""
         self._raw.close()
         if not self.names:
-            raise ValueError("no images were kept")
+            raise ValueError(
+                f"{self.label}: no images were kept (every input was skipped, "
+                "or no slice passed the selection rule)"
+            )
         shape = (len(self.names), *self.image_shape)
         raw = np.memmap(self._raw_path, dtype=np.uint8, mode="r", shape=shape)
         out = np.lib.format.open_memmap(self.directory / IMAGES_FILE, mode="w+", dtype=np.uint8, shape=shape)
@@ -119,7 +123,7 @@ def cached_imageset(
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        writer = ImageSetWriter(staging, channels)
+        writer = ImageSetWriter(staging, channels, loader)
         provenance = build(writer)
         writer.finish({"loader": loader, "options": options, "cache_dir": str(target), **provenance})
         try:

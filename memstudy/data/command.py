@@ -28,6 +28,7 @@ def add_data_command(commands: argparse._SubParsersAction) -> None:
     prepare.add_argument("--split", help="BraTS: train|holdout; chest x-ray: train|val|test")
     prepare.add_argument("--holdout", type=int, help="BraTS: subjects held out (the paper: 56)")
     prepare.add_argument("--n-subjects", type=int, help="keep the first n subjects (patients) of the split")
+    prepare.add_argument("--pad-to", type=int, help="BraTS: zero-pad slices to this size first (default 256)")
     prepare.add_argument("--mode", choices=("2d", "3d"), help="BraTS: 2D slices or 3D volumes")
     prepare.add_argument("--channels", help="BraTS: comma-separated sequences, e.g. t1,t2,flair,t1ce,seg")
     prepare.add_argument("--on-error", choices=("raise", "skip"), help="what to do with unreadable files")
@@ -39,7 +40,8 @@ def run_prepare(args: argparse.Namespace) -> int:
     from memstudy.data import load_dataset
 
     options = {
-        key: getattr(args, key) for key in ("size", "split", "holdout", "n_subjects", "mode", "on_error")
+        key: getattr(args, key)
+        for key in ("size", "split", "holdout", "n_subjects", "pad_to", "mode", "on_error")
     }
     options = {key: value for key, value in options.items() if value is not None}
     if args.channels:

@@ -1,0 +1,82 @@
+"""Named datasets end to end: the phantoms through the real loaders, the analysis, and `memstudy data`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from memstudy.analysis import dataset_summary, neighbour_statistics
+from memstudy.cli import main
+from memstudy.data import load_dataset
+from memstudy.data.phantoms import write_cxr_phantom
+
+
+@pytest.fixture(scope="module")
+def brain(tmp_path_factory):
+    """Four generated phantom subjects read by the BraTS loader, one held out."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MEMSTUDY_CACHE", str(tmp_path_factory.mktemp("brain-cache")))
+        return {
+            split: load_dataset(
+                "brain-phantom", phantom_subjects=4, size=32, holdout=1, split=split, progress=False
+            )
+            for split in ("train", "holdout")
+        }
+
+
+def test_brain_phantom_loads_through_the_brats_pipeline(brain):
+    train, held = brain["train"], brain["holdout"]
+    assert train.channels == ("t1", "t2", "flair", "t1ce", "seg") and train.image_shape == (5, 32, 32)
+    assert len(np.unique(train.groups)) == 3 and len(np.unique(held.groups)) == 1
+    assert set(np.unique(train.channel("seg")).tolist()) <= {0, 51, 102, 204}
+    assert dataset_summary(train)["images_per_subject_min"] > 20
+
+
+def test_adjacent_slices_correlate_more_than_other_subjects_best_match(brain):
+    stats = neighbour_statistics(brain["train"])
+    assert stats["median_adjacent_r"] > 0.97
+    assert stats["median_adjacent_r"] > stats["median_other_subject_r"] + 0.02
+    assert np.nanmedian(stats["by_distance"][1]) > np.nanmedian(stats["by_distance"][8])
+
+
+def test_cxr_phantom_images_are_independent(tmp_path):
+    root = write_cxr_phantom(tmp_path / "cxr", n_per_class={"train": (6, 6)}, progress=False)
+    images = load_dataset("cxr-phantom", root=root, size=32, progress=False)
+    stats = neighbour_statistics(images)
+    assert len(images) == 12 and len(np.unique(images.groups)) == 12
+    assert stats["by_distance"] is None and stats["median_adjacent_r"] is None
+    assert stats["median_other_subject_r"] < 0.99
+
+
+def test_data_prepare_prints_a_one_line_summary(tmp_path, capsys, brats20_root):
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                "brats20",
+                "--root",
+                str(brats20_root),
+                "--pad-to",
+                "32",
+                "--size",
+                "16",
+                "--holdout",
+                "2",
+            ]
+        )
+        == 0
+    )
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("brats20: ") and "shape (5, 16, 16)" in line and "4 subjects" in line
+    assert "cached in" in line
+
+
+def test_data_prepare_says_when_nothing_passes_the_slice_rule(brats20_root, capsys):
+    assert main(["data", "prepare", "brats20", "--root", str(brats20_root)]) == 2
+    assert "brats20-2d: no images were kept" in capsys.readouterr().err
+
+
+def test_data_prepare_rejects_options_the_loader_does_not_take(kermany_root, capsys):
+    assert main(["data", "prepare", "chestxray", "--root", str(kermany_root), "--holdout", "2"]) == 2
+    assert "holdout" in capsys.readouterr().err
