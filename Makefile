@@ -15,7 +15,9 @@ $(INSTALLED): pyproject.toml constraints.txt
 	$(BIN)/python -m ipykernel install --prefix $(VENV) --name memstudy --display-name "memstudy (.venv)" >/dev/null
 	touch $@
 
+# The default study writes executed notebooks to book/notebooks/ (unchanged ones are skipped), then the book.
 book: install
+	$(BIN)/memstudy study --plan plans/default.yaml
 	$(BIN)/memstudy book
 
 lint: install
