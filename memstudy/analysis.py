@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 
+from memstudy.correlate import topk_pearson
 from memstudy.data import ImageSet
 
 SLICE_NAME = re.compile(r"/z(\d+)$")
@@ -73,12 +74,9 @@ def nearest_other_subject(
     This is the level two *different* people's images reach; copies sit far above it.
     """
     rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.permutation(len(imageset))[:max_images])
-    unit = standardized(imageset.images[chosen, channel])
-    r = unit @ unit.T
-    groups = imageset.groups[chosen]
-    r[groups[:, None] == groups[None, :]] = -np.inf
-    return np.nanmax(r, axis=1)
+    chosen = imageset.subset(np.sort(rng.permutation(len(imageset))[:max_images]))
+    matches = topk_pearson(chosen, chosen, k=1, exclude="group", channel=channel, progress=False)
+    return matches.values[:, 0]
 
 
 def neighbour_statistics(imageset: ImageSet, *, channel: int = 0, max_distance: int = 10) -> dict:
