@@ -154,7 +154,7 @@ def _pread_exact(fd: int, target: np.ndarray, offset: int, path: str) -> None:
         done += got
 
 
-def _from_memmap(array: np.memmap, role: str, names, groups, channel: int | None) -> Source:
+def _from_memmap(array: np.memmap, role: str, names: Any, groups: Any, channel: int | None) -> Source:
     """A FileSource for a whole, C-ordered, shared memmap; otherwise an ArraySource over it.
 
     A copy-on-write map (mode "c") may differ from its file, so it is read through the map.

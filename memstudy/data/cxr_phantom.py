@@ -230,18 +230,18 @@ def _ribs_and_clavicles(
     spacing = (base - apex + 0.1) / 10
     wall = half_width + 0.04
 
-    def clavicle(t):
+    def clavicle(t: np.ndarray) -> np.ndarray:
         return shoulder + 0.06 - 0.15 * t + 0.25 * (t - 0.2) ** 2
 
     # Posterior ribs leave the spine slightly upwards and bend down laterally; anterior ribs run down
     # and inwards from the chest wall.
-    def posterior(v0, t):
+    def posterior(v0: float, t: np.ndarray) -> np.ndarray:
         return v0 - 0.12 * t + 2.0 * np.clip(t - 0.2, 0, None) ** 2
 
-    def anterior(v0, t):
+    def anterior(v0: float, t: np.ndarray) -> np.ndarray:
         return v0 + 0.1 + 0.5 * (wall - t)
 
-    def fade(strength):  # bones end at the chest wall
+    def fade(strength: float) -> Callable[[np.ndarray], np.ndarray]:  # bones end at the chest wall
         return lambda t: strength * np.clip((wall - t) / 0.04, 0, 1)
 
     for side in (-1, 1):

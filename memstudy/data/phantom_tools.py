@@ -94,7 +94,9 @@ def n_centres(spacing: float, extent: float) -> int:
     return len(np.arange(-spacing, extent + 2 * spacing, spacing))
 
 
-def smooth_field(coefficients: np.ndarray, axes: list[np.ndarray], spacing: float, extents) -> np.ndarray:
+def smooth_field(
+    coefficients: np.ndarray, axes: list[np.ndarray], spacing: float, extents: list[float]
+) -> np.ndarray:
     """Evaluate a smooth random field on the grid spanned by ``axes``.
 
     The field is a sum of separable Gaussian bumps with ``coefficients`` (shape ``(..., n0, n1[, n2])``

@@ -263,7 +263,9 @@ MODEL_NAMES = tuple(CONFIGS)
 CONFIG_CLASSES: dict[str, type[TrainingConfig]] = {"ddpm": DDPMConfig, "stylegan": StyleGANConfig}
 
 
-def resolve_config(model_name: str, config: str | TrainingConfig | dict = "tiny", **overrides: Any):
+def resolve_config(
+    model_name: str, config: str | TrainingConfig | dict = "tiny", **overrides: Any
+) -> TrainingConfig:
     """Return the configuration for ``model_name`` with ``overrides`` applied.
 
     Parameters
