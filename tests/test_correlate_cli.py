@@ -13,7 +13,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 from scipy.stats import pearsonr
 
-import memstudy.data
+import memstudy.data.datasets
 from memstudy.correlate import bench
 from memstudy.correlate.backend_int8 import int8_matmul_available
 from memstudy.correlate.command import add_bench_correlate_command, add_correlate_command
@@ -166,7 +166,7 @@ def test_npy_file_and_dataset_name_inputs(tmp_path, monkeypatch):
     images = rng.integers(0, 256, (12, 2, 16, 16), dtype=np.uint8)
     names = tuple(f"subject{i // 4}/z{i % 4:03d}" for i in range(12))
     dataset = ImageSet(images, names, np.arange(12) // 4, ("t1", "flair"))
-    monkeypatch.setattr(memstudy.data, "load_dataset", lambda name, root=None, **options: dataset)
+    monkeypatch.setattr(memstudy.data.datasets, "load_dataset", lambda name, root=None, **options: dataset)
     np.save(tmp_path / "samples.npy", images[[5, 2]])  # the same (N, C, H, W) layout
     out = tmp_path / "matches.csv"
 

@@ -20,7 +20,8 @@ from memstudy.correlate.exclude import Exclude
 from memstudy.correlate.folders import IMAGE_SUFFIXES, read_folder
 from memstudy.correlate.matches import Matches
 from memstudy.correlate.search import backend_for, topk_pearson
-from memstudy.data.imageset import META_FILE, ImageSet
+from memstudy.data import open_imageset
+from memstudy.data.imageset import META_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def load_input(spec: str, *, role: str, on_error: str, scratch_dir: str | None) 
     path = Path(spec)
     if path.is_dir():
         if (path / META_FILE).is_file():
-            images = ImageSet.load(path)
+            images = open_imageset(path)
             return Input(images, images.names)
         folder = read_folder(path, on_error=on_error, scratch_dir=scratch_dir)
         return Input(folder.images, folder.names, folder.skipped)
@@ -52,13 +53,7 @@ def load_input(spec: str, *, role: str, on_error: str, scratch_dir: str | None) 
         raise ValueError(f"{role}: {path} is neither a folder of images nor a .npy file")
     if path.suffix or len(path.parts) > 1:
         raise FileNotFoundError(f"{role}: {path} does not exist")
-    try:
-        from memstudy.data import load_dataset
-    except ImportError as error:
-        raise FileNotFoundError(
-            f"{role}: {spec} is not a file or folder, and datasets cannot be loaded here"
-        ) from error
-    images = load_dataset(spec)
+    images = open_imageset(spec)
     return Input(images, images.names)
 
 

@@ -3,7 +3,15 @@
 from memstudy.data.brats import load_brats
 from memstudy.data.cache import cache_dir
 from memstudy.data.chestxray import load_chestxray
-from memstudy.data.datasets import DATASETS, load_dataset
+from memstudy.data.datasets import DATASETS, load_dataset, open_imageset
 from memstudy.data.imageset import ImageSet
 
-__all__ = ["DATASETS", "ImageSet", "cache_dir", "load_brats", "load_chestxray", "load_dataset"]
+__all__ = [
+    "DATASETS",
+    "ImageSet",
+    "cache_dir",
+    "load_brats",
+    "load_chestxray",
+    "load_dataset",
+    "open_imageset",
+]

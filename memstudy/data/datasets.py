@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from memstudy.data.brats import load_brats
 from memstudy.data.chestxray import load_chestxray
-from memstudy.data.imageset import ImageSet
+from memstudy.data.imageset import META_FILE, ImageSet
 
 REAL = {"brats20": "BraTS 2020", "brats21": "BraTS 2021", "chestxray": "Kermany chest x-ray"}
 EMBEDDED = {"brain-phantom": "BraTS-2020-layout MNI152 phantoms", "cxr-phantom": "procedural chest x-rays"}
@@ -66,3 +67,13 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, **options: An
             name, seed=generator.get("phantom_seed", 0), progress=options.get("progress", True)
         )
     return load_chestxray(root, **options)
+
+
+def open_imageset(spec: str | os.PathLike, root: str | os.PathLike | None = None, **options: Any) -> ImageSet:
+    """Open what a command line names as data: a saved ImageSet folder, or a dataset name.
+
+    ``root`` and ``options`` go to :func:`load_dataset`, which rejects unknown names.
+    """
+    if (Path(spec) / META_FILE).is_file():
+        return ImageSet.load(spec)
+    return load_dataset(str(spec), root=root, **options)

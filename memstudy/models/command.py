@@ -112,18 +112,12 @@ def add_bench_train_command(bench_subparsers: argparse._SubParsersAction) -> Non
 
 def run_train(args: argparse.Namespace) -> int:
     """Handle ``memstudy train``."""
-    from memstudy.data.imageset import META_FILE, ImageSet
+    from memstudy.data import open_imageset
     from memstudy.models.training import train
 
-    data = Path(args.data)
-    if (data / META_FILE).is_file():
-        imageset = ImageSet.load(data)
-    else:
-        from memstudy.data import load_dataset
-
-        imageset = load_dataset(
-            args.data, root=args.root, **_parse_overrides(args.data_options, "--data-option")
-        )
+    imageset = open_imageset(
+        args.data, root=args.root, **_parse_overrides(args.data_options, "--data-option")
+    )
     overrides = _parse_overrides(args.overrides, "--set")
     if args.keep is not None:
         overrides["keep_checkpoints"] = args.keep
