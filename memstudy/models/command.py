@@ -139,7 +139,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_sample(args: argparse.Namespace) -> int:
     """Handle ``memstudy sample``."""
-    from memstudy.models.training import sample
+    from memstudy.models.sampling import sample
 
     checkpoint = args.checkpoint if args.checkpoint == "last" else int(args.checkpoint)
     out = args.out or args.run_dir / "samples.npy"
