@@ -9,13 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+
+from memstudy.atomic import make_temp_dir
+from memstudy.data.image_files import ImageFileError, image_size, list_images, read_gray
 
 logger = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
-#: Pillow modes with more than 8 bits per pixel; converting them to "L" would clip, not rescale.
-_WIDE_MODES = frozenset({"I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
 
 
 @dataclass(frozen=True)
@@ -37,30 +35,6 @@ class Folder:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """PNG and JPEG files directly in ``folder``, sorted by name; hidden files (``._x.png``) are ignored."""
-    folder = Path(folder)
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
-    )
-
-
-def _probe(path: Path) -> tuple[tuple[int, int], str]:
-    with Image.open(path) as image:
-        if image.mode in _WIDE_MODES:
-            raise ValueError(
-                f"mode {image.mode} (more than 8 bits per pixel) is not supported; expected 8-bit"
-            )
-        return image.size, image.mode
-
-
-def _decode(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("L"), dtype=np.uint8)
-
-
 def read_folder(
     folder: str | os.PathLike,
     *,
@@ -79,7 +53,22 @@ def read_folder(
         raise ``ValueError`` naming it, or leave it out and list it in ``Folder.skipped``.
     scratch_dir : path, optional
         Where to put the images as a ``.npy`` memmap when they exceed ``max_memory_mb``; without it
-        they are always read into memory.
+        they are always read into memory. Each call writes into a new subfolder of it, so folders
+        with the same name (``ddpm/images``, ``train/images``) never share a file. The caller
+        removes ``scratch_dir`` when done with the images.
+    max_memory_mb : float
+        Largest folder (in MiB of uint8 pixels) read into memory when ``scratch_dir`` is given.
+
+    Returns
+    -------
+    Folder
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``folder`` holds no PNG or JPEG files.
+    ValueError
+        Naming the first unreadable or odd-sized file, with ``on_error="raise"``.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error={on_error!r}: expected 'raise' or 'skip'")
@@ -91,11 +80,14 @@ def read_folder(
     sizes: dict[Path, tuple[int, int]] = {}
     for path in files:
         try:
-            sizes[path] = _probe(path)[0]
-        except (OSError, UnidentifiedImageError, ValueError) as error:
-            problems[path] = f"cannot be read ({error})"
+            sizes[path] = image_size(path)
+        except ImageFileError as error:
+            problems[path] = error.reason
     if not sizes:
-        raise ValueError(f"{folder}: none of the {len(files)} image files can be read")
+        first = files[0]
+        raise ValueError(
+            f"{folder}: none of the {len(files)} image files can be read; {first}: {problems[first]}"
+        )
     (width, height), _ = Counter(sizes.values()).most_common(1)[0]
     for path, size in sizes.items():
         if size != (width, height):
@@ -114,18 +106,17 @@ def read_folder(
     keep = [p for p in files if p not in problems]
     shape = (len(keep), height, width)
     if scratch_dir is not None and np.prod(shape) > max_memory_mb * 2**20:
-        images = np.lib.format.open_memmap(
-            Path(scratch_dir) / f"{folder.name}.npy", mode="w+", dtype=np.uint8, shape=shape
-        )
+        memmap_path = make_temp_dir(scratch_dir, folder.name) / "images.npy"
+        images = np.lib.format.open_memmap(memmap_path, mode="w+", dtype=np.uint8, shape=shape)
     else:
         images = np.empty(shape, dtype=np.uint8)
     names: list[str] = []
     for path in keep:
         try:
-            pixels = _decode(path)
-        except (OSError, UnidentifiedImageError, ValueError) as error:
+            pixels = read_gray(path)
+        except ImageFileError as error:
             # Headers can be fine and the pixel data truncated: only decoding finds out.
-            fail_or_skip(path, f"cannot be decoded ({error})")
+            fail_or_skip(path, error.reason)
             continue
         images[len(names)] = pixels
         names.append(path.name)
