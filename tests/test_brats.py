@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -18,14 +21,20 @@ def subject_dir(root, i):
 
 
 def independent_kept_slices(t1_path, padded_pixels):
-    """The paper's slice rule written out per slice, from the raw file."""
+    """The paper's slice rule written out per slice, from the raw file, on the unrounded doubles."""
     raw = np.asarray(nib.load(t1_path).dataobj, dtype=np.float64)
     kept = []
     for z in range(raw.shape[2]):
-        scaled = (raw[:, :, z] / raw.max() * 255).astype(np.uint8)
+        scaled = raw[:, :, z] / raw.max() * 255
         if np.sum(scaled > 50) > 0.15 * padded_pixels:
             kept.append(z)
     return kept
+
+
+def matlab_uint8(values):
+    """MATLAB's uint8() of doubles, written out with exact decimal rounding (halves away from zero)."""
+    rounded = [int(Decimal(float(v)).quantize(Decimal(1), rounding=ROUND_HALF_UP)) for v in values.ravel()]
+    return np.clip(np.array(rounded), 0, 255).reshape(values.shape).astype(np.uint8)
 
 
 def test_kept_slices_match_an_independent_count_of_the_rule(brats20_root):
@@ -47,7 +56,7 @@ def test_each_sequence_is_scaled_by_its_own_maximum_and_labels_by_255_over_5(bra
     first = [j for j, n in enumerate(imageset.names) if n.startswith("BraTS20_Training_001/")]
     z = int(imageset.names[first[0]].split("/z")[1])
     t2 = imageset.channel("t2")[first[0]]
-    expected_t2 = np.rot90((raw["t2"][:, :, z] / raw["t2"].max() * 255).astype(np.uint8))
+    expected_t2 = np.rot90(matlab_uint8(raw["t2"][:, :, z] / raw["t2"].max() * 255))
     np.testing.assert_array_equal(t2, expected_t2)
     seg = imageset.channel("seg")[first]
     assert set(np.unique(seg).tolist()) <= {0, 51, 102, 204}
@@ -92,6 +101,105 @@ def test_n_subjects_gives_nested_training_sets(brats20_root):
     assert set(small.groups.tolist()) < set(large.groups.tolist())
     with pytest.raises(ValueError, match="n_subjects=9"):
         load_brats(brats20_root, holdout=1, n_subjects=9, progress=False)
+
+
+def split_names(root, **options):
+    imageset = load_brats(root, pad_to=32, progress=False, **options)
+    return list(dict.fromkeys(name.split("/")[0] for name in imageset.names))
+
+
+def test_a_subjects_split_depends_neither_on_other_subjects_files_nor_on_channels(brats20_root):
+    held = split_names(brats20_root, holdout=2, split="holdout")
+    train = split_names(brats20_root, holdout=2)
+    assert len(held) == 2 and len(train) == 4 and not set(held) & set(train)
+    assert split_names(brats20_root, holdout=2, split="holdout", channels=("t1",)) == held
+    # A held-out subject without FLAIR is dropped; nobody else changes sides.
+    os.remove(subject_dir(brats20_root, int(held[0][-3:])) / f"{held[0]}_flair.nii")
+    assert split_names(brats20_root, holdout=2, on_error="skip") == train
+    assert split_names(brats20_root, holdout=2, split="holdout", on_error="skip") == held[1:]
+    # Asking only for channels the incomplete subject has still loads it, on the same side.
+    assert split_names(brats20_root, holdout=2, split="holdout", channels=("t1", "t2")) == held
+
+
+AUTHORS_DIR = Path(__file__).parents[1] / "memstudy" / "data" / "authors"
+
+
+def authors_order(year):
+    """The shipped list, read as plain text (independently of the loader)."""
+    return (AUTHORS_DIR / f"brats{year % 100}_subject_order.txt").read_text().split()
+
+
+def test_authors_subject_orders_ship_as_package_data():
+    from importlib import resources
+
+    for year, n, pattern in ((2020, 369, r"BraTS20_Training_\d{3}"), (2021, 1251, r"BraTS2021_\d{5}")):
+        text = resources.files("memstudy.data").joinpath("authors", f"brats{year % 100}_subject_order.txt")
+        names = text.read_text().split()
+        assert len(names) == len(set(names)) == n
+        assert all(re.fullmatch(pattern, name) for name in names)
+    assert {f"BraTS20_Training_{i:03d}" for i in range(1, 370)} == set(authors_order(2020))
+    notice = resources.files("memstudy.data").joinpath("authors", "LICENSE").read_text()
+    assert "Copyright (c) 2023 Muhammad Usman Akbar" in notice and "muhamadusman/Assist" in notice
+
+
+def test_authors_holdout_follows_the_position_in_their_order(tmp_path):
+    order = authors_order(2020)
+    # First two and last training subjects (positions 0, 1, 312), first and last held out (313, 368).
+    picked = [order[i] for i in (0, 1, 312, 313, 368)]
+    for k, name in enumerate(picked):
+        write_subject(tmp_path / name, seed=k)
+    assert split_names(tmp_path, holdout="authors") == picked[:3]
+    assert split_names(tmp_path, holdout="authors", split="holdout") == picked[3:]
+    assert split_names(tmp_path, holdout="authors", n_subjects=2) == picked[:2]
+    assert split_names(tmp_path, holdout="authors", n_subjects=1) == picked[:1]
+
+
+def test_authors_holdout_names_subjects_missing_from_their_order(tmp_path, brats21_root):
+    write_subject(tmp_path / "BraTS20_Training_370", seed=1)
+    write_subject(tmp_path / "BraTS20_Training_001", seed=2)
+    with pytest.raises(
+        ValueError, match=r"BraTS20_Training_370 not in the authors' BraTS 2020 subject order"
+    ):
+        load_brats(tmp_path, pad_to=32, holdout="authors", progress=False)
+    with pytest.raises(ValueError, match="holdout must be a number of subjects"):
+        load_brats(tmp_path, pad_to=32, holdout="paper", progress=False)
+    # BraTS 2021: the authors trained on the first 1195 of their order and held out the rest.
+    position = {name: i for i, name in enumerate(authors_order(2021))}
+    found = sorted(["BraTS2021_00000", "BraTS2021_00002", "BraTS2021_00005"], key=position.get)
+    train = [name for name in found if position[name] < 1195]
+    assert split_names(brats21_root, year=2021, holdout="authors") == train
+    assert split_names(brats21_root, year=2021, holdout="authors", split="holdout") == [
+        name for name in found if name not in train
+    ]
+    assert train and len(train) < len(found)  # the fixture has subjects on both sides
+
+
+def test_scaling_is_float64_rounded_half_away_and_the_rule_reads_unrounded_values(tmp_path):
+    # T1 peaks at 510, so voxel v scales to v / 2 (v / 510 * 255 is exact for these v): 100 → 50.0
+    # (on the threshold: not > 50), 100.8 → 50.4 (> 50, though it rounds to 50), 101 → 50.5 and
+    # 105 → 52.5 (halves: 51 and 53 away from zero; round-half-even would give 50 and 52).
+    shape = (16, 16, 4)
+    t1 = np.zeros(shape, np.float32)
+    bright = (slice(0, 10), slice(0, 10))  # 100 pixels > 15 % of 256
+    t1[(*bright, 0)], t1[(*bright, 1)], t1[(*bright, 2)], t1[(*bright, 3)] = 100, 100.8, 101, 105
+    t1[15, 15, 3] = 510
+    # A peak at which float32 `v * (255 / peak)` gives 254.99998, truncated to 254.
+    t2 = np.where(t1 > 0, 163, 0).astype(np.float32)
+    t2[0, 0, 0] = 81  # 81 / 163 * 255 = 126.72...
+    folder = tmp_path / "BraTS20_Training_001"
+    folder.mkdir()
+    volumes = {"t1": t1, "t2": t2, "flair": t1, "t1ce": t1, "seg": np.zeros(shape, np.uint8)}
+    for seq, volume in volumes.items():
+        nib.save(nib.Nifti1Image(volume, np.eye(4)), folder / f"{folder.name}_{seq}.nii")
+    imageset = load_brats(tmp_path, pad_to=None, progress=False)
+    assert [name.split("/z")[1] for name in imageset.names] == ["001", "002", "003"]
+    for channel, volume in (("t1", t1), ("t2", t2)):
+        reference = volume.astype(np.float64) / float(volume.max()) * 255
+        for i, z in enumerate((1, 2, 3)):
+            expected = np.rot90(matlab_uint8(reference[:, :, z]))
+            np.testing.assert_array_equal(imageset.channel(channel)[i], expected)
+    assert imageset.channel("t2").max() == 255
+    assert imageset.channel("t1")[:, 15, 0].tolist() == [50, 51, 53]  # rot90: voxel (0, 0) → (15, 0)
 
 
 def test_brats21_layout_with_gzipped_volumes(brats21_root):

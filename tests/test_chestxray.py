@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import numpy as np
 import pytest
+from conftest import write_xray
 from PIL import Image
 
 from memstudy.data import load_chestxray
+from memstudy.data.chestxray import stratified_patient_order
 
 
 def test_reads_the_split_and_ignores_macos_clutter_and_the_nested_copy(kermany_root):
@@ -72,12 +77,61 @@ def test_empty_class_folders_and_foreign_roots_are_rejected(tmp_path):
         load_chestxray(tmp_path, split="validation", progress=False)
 
 
-def test_n_subjects_keeps_all_images_of_the_first_patients(kermany_root):
+def test_n_subjects_keeps_all_images_of_patients_from_both_classes(kermany_root):
     imageset = load_chestxray(kermany_root, size=16, n_subjects=2, progress=False)
-    assert imageset.names == (
-        "NORMAL/IM-0001-0001.jpeg",
-        "NORMAL/IM-0001-0002.jpeg",
-        "NORMAL/NORMAL2-IM-0007-0001.jpeg",
-    )
+    # Two patients per class in the fixture: a stratified draw of two takes one of each, whole.
+    patients = {name.split("/")[0]: set() for name in imageset.names}
+    for name, group in zip(imageset.names, imageset.groups.tolist(), strict=True):
+        patients[name.split("/")[0]].add(group)
+    assert sorted(patients) == ["NORMAL", "PNEUMONIA"] and all(len(g) == 1 for g in patients.values())
+    everything = load_chestxray(kermany_root, size=16, progress=False)
+    for group in set(imageset.groups.tolist()):
+        assert (imageset.groups == group).sum() == (everything.groups == group).sum()
     with pytest.raises(ValueError, match="n_subjects=5, but the train split has 4 patients"):
         load_chestxray(kermany_root, n_subjects=5, progress=False)
+
+
+@pytest.fixture
+def unbalanced_root(tmp_path):
+    """10 NORMAL and 30 PNEUMONIA patients (one 8×8 image each), like Kermany's 1:3 imbalance."""
+    root = tmp_path / "chest_xray" / "train"
+    for i in range(10):
+        write_xray(root / "NORMAL" / f"IM-{i:04d}-0001.jpeg", (8, 8), seed=i)
+    for i in range(30):
+        write_xray(root / "PNEUMONIA" / f"person{i}_bacteria_{i}.jpeg", (8, 8), seed=100 + i)
+    return tmp_path
+
+
+def classes_of(imageset):
+    return [name.split("/")[0] for name in imageset.names]
+
+
+def test_n_subjects_is_a_seeded_class_stratified_nested_draw(unbalanced_root):
+    small = load_chestxray(unbalanced_root, size=8, n_subjects=16, progress=False)
+    large = load_chestxray(unbalanced_root, size=8, n_subjects=32, progress=False)
+    # Shares 1/4 and 3/4: 16 patients are exactly 4 + 12, 32 are 8 + 24.
+    assert classes_of(small).count("NORMAL") == 4 and classes_of(small).count("PNEUMONIA") == 12
+    assert classes_of(large).count("NORMAL") == 8 and classes_of(large).count("PNEUMONIA") == 24
+    assert set(small.names) < set(large.names)
+    # Not simply the first files of each class: the draw is shuffled within a class.
+    first_files = {f"NORMAL/IM-{i:04d}-0001.jpeg" for i in range(4)}
+    assert {n for n in small.names if n.startswith("NORMAL")} != first_files
+    again = load_chestxray(unbalanced_root, size=8, n_subjects=16, progress=False)
+    assert again.names == small.names
+
+
+def test_stratified_order_keeps_every_prefix_within_one_patient_of_the_class_shares():
+    sizes = {"A": 7, "B": 19, "C": 3}
+    patients = {f"{label}/{i}": label for label, n in sizes.items() for i in range(n)}
+    order = stratified_patient_order(patients)
+    assert sorted(order) == sorted(patients) and stratified_patient_order(patients) == order
+    total = sum(sizes.values())
+    for t in range(1, total + 1):
+        for label, n in sizes.items():
+            quota = Fraction(t * n, total)
+            count = sum(patients[p] == label for p in order[:t])
+            assert math.floor(quota) <= count <= math.ceil(quota), (t, label)
+    # Each class's own order depends only on its patients and the seed.
+    only_a = stratified_patient_order({p: c for p, c in patients.items() if c == "A"})
+    assert [p for p in order if patients[p] == "A"] == only_a
+    assert stratified_patient_order(patients, seed=1) != order

@@ -165,3 +165,11 @@ def test_the_installed_entry_point_prints_one_line_and_exits_2(tmp_path):
         result.stderr.strip() == f"memstudy correlate: error: SYNTH: {tmp_path / 'synthetic'} does not exist"
     )
     assert result.stdout == ""
+
+
+def test_holdout_takes_a_subject_count_or_the_authors_split():
+    from memstudy.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["data", "prepare", "brats20", "--holdout", "authors"]).holdout == "authors"
+    assert parser.parse_args(["data", "prepare", "brats20", "--holdout", "56"]).holdout == 56

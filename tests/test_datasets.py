@@ -7,7 +7,7 @@ import pytest
 
 from memstudy.analysis import dataset_summary, neighbour_statistics
 from memstudy.cli import main
-from memstudy.data import load_dataset
+from memstudy.data import ImageSet, load_dataset
 from memstudy.data.phantoms import write_cxr_phantom
 
 
@@ -46,6 +46,26 @@ def test_cxr_phantom_images_are_independent(tmp_path):
     assert len(images) == 12 and len(np.unique(images.groups)) == 12
     assert stats["by_distance"] is None and stats["median_adjacent_r"] is None
     assert stats["median_other_subject_r"] < 0.99
+    # n_subjects draws patients class-stratified, as the real loader does: 2 of each class here.
+    subset = load_dataset("cxr-phantom", root=root, size=32, n_subjects=4, progress=False)
+    assert sorted(name.split("/")[0] for name in subset.names) == ["NORMAL"] * 2 + ["PNEUMONIA"] * 2
+
+
+@pytest.mark.filterwarnings("ignore")  # the correlation engine may warn about images without a match
+def test_summaries_leave_out_and_count_nan_values():
+    # One subject of four slices, slice z001 constant: it has no defined r with anything, and no
+    # image has another subject to match.
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(4, 1, 8, 8), dtype=np.uint8)
+    images[1] = 7
+    imageset = ImageSet(images, [f"s/z{z:03d}" for z in range(4)], [0] * 4, ["t1"])
+    stats = neighbour_statistics(imageset, max_distance=3)
+    # Adjacent pairs (0,1), (1,2), (2,3): two involve the constant slice.
+    assert stats["adjacent_dropped"] == 2
+    a, b = (images[k, 0].ravel().astype(np.float64) for k in (2, 3))
+    a, b = a - a.mean(), b - b.mean()
+    assert stats["median_adjacent_r"] == pytest.approx(a @ b / np.sqrt((a @ a) * (b @ b)), abs=1e-6)
+    assert np.isnan(stats["median_other_subject_r"]) and stats["other_subject_dropped"] == 4
 
 
 def test_data_prepare_prints_a_one_line_summary(tmp_path, capsys, brats20_root):

@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
 import json
+import math
+import os
 import re
 import shutil
+import subprocess
+import sys
+from importlib import metadata
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
+from threadpoolctl import threadpool_limits
 
 from memstudy.data import phantoms
 from memstudy.data.brain_phantom import BRATS_AFFINE, BRATS_DIR
-from memstudy.data.phantom_tools import COMPLETE_MARKER
+from memstudy.data.phantom_tools import COMPLETE_MARKER, smooth_field
 from memstudy.data.phantoms import (
     brain_phantom_subject,
     chest_xray_phantom_image,
@@ -168,6 +175,76 @@ def test_complete_set_is_not_rewritten(brain_root):
     assert {p: p.stat().st_mtime_ns for p in brain_root.rglob("*") if p.is_file()} == before
 
 
+def test_smooth_field_is_the_same_sum_whatever_the_grid_or_the_thread_count():
+    spacing, extent = 10.0, 60.0
+    centres = np.arange(-spacing, extent + 2 * spacing, spacing)  # the documented lattice: 9 points
+    coefficients = np.random.default_rng(5).normal(size=(2, len(centres), len(centres), len(centres)))
+    axes = [np.arange(0.0, 40.0), np.arange(3.0, 50.0), np.arange(0.0, 30.0)]
+    with threadpool_limits(1):
+        whole = smooth_field(coefficients, axes, spacing, [extent] * 3)
+    with threadpool_limits(2):
+        again = smooth_field(coefficients, axes, spacing, [extent] * 3)
+    rows = [
+        smooth_field(coefficients, [axes[0][i : i + 1], *axes[1:]], spacing, [extent] * 3) for i in range(40)
+    ]
+    np.testing.assert_array_equal(again, whole)
+    np.testing.assert_array_equal(np.concatenate(rows, axis=1), whole)  # a worker's part of a grid
+    # Reference: the field's definition summed term by term. Each point sums 729 terms whose
+    # magnitudes add up to at most max|c| (sum_k g_k)^3 / pi^0.75 < 4 * 2.6^3 < 80; float64 rounding of
+    # ~30 sequential operations on values that size stays below 30 * 80 * 2.2e-16 ≈ 5e-13.
+    bumps = [np.exp(-0.5 * ((a[:, None] - centres[None, :]) / spacing) ** 2) for a in axes]
+    reference = np.zeros(whole.shape)
+    for i, j, k in itertools.product(range(len(centres)), repeat=3):
+        product = bumps[0][:, i, None, None] * bumps[1][None, :, j, None] * bumps[2][None, None, :, k]
+        reference += coefficients[:, i, j, k, None, None, None] * product
+    np.testing.assert_allclose(whole, reference / math.pi**0.75, rtol=0, atol=1e-12)
+
+
+def test_brain_phantom_fingerprint_changes_only_with_its_version(brain_subjects):
+    # A change detector, not a numeric expectation: the generator is float64 without BLAS, so subject
+    # 1 of seed 0 is the same on every CPU. If this fails, the generator's output changed: bump
+    # BRAIN_PHANTOM_VERSION (memstudy/data/brain_phantom.py) and record the new pair here.
+    digest = hashlib.sha256()
+    for name in FILES:
+        digest.update(name.encode() + np.ascontiguousarray(brain_subjects[0][name]).tobytes())
+    recorded = (2, "e2f6cbc36e8b92a0a4ba565fefb7fa4932139b5db8638012d9c99f4f10baba91")
+    assert (phantoms.BRAIN_PHANTOM_VERSION, digest.hexdigest()) == recorded, (
+        "brain-phantom output or version changed: bump BRAIN_PHANTOM_VERSION if the output changed, "
+        f"then record ({phantoms.BRAIN_PHANTOM_VERSION}, {digest.hexdigest()!r}) in this test"
+    )
+
+
+@pytest.mark.slow
+def test_brain_subject_is_identical_with_another_blas_kernel_simd_level_and_thread_count(brain_subjects):
+    # Another process with OpenBLAS's generic kernel on one thread and NumPy's SIMD dispatch off
+    # (the baseline code paths of an older CPU) must write the same voxels as this one.
+    from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+
+    dispatched = [f for f in __cpu_dispatch__ if __cpu_features__.get(f)]
+    env = {
+        **os.environ,
+        "OPENBLAS_CORETYPE": "Prescott",
+        "OPENBLAS_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        "NPY_DISABLE_CPU_FEATURES": " ".join(dispatched),
+    }
+    script = (
+        "import hashlib, json\n"
+        "from memstudy.data.phantoms import brain_phantom_subject\n"
+        "volumes = brain_phantom_subject(0, 1)\n"
+        "print(json.dumps({k: hashlib.sha256(v.tobytes()).hexdigest() for k, v in volumes.items()}))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    )
+    there = json.loads(result.stdout.strip().splitlines()[-1])
+    here = {
+        name: hashlib.sha256(np.ascontiguousarray(brain_subjects[0][name]).tobytes()).hexdigest()
+        for name in FILES
+    }
+    assert there == here
+
+
 @pytest.mark.slow
 def test_parallel_workers_write_the_same_subjects(brain_root, tmp_path):
     root = write_brain_phantom(tmp_path, n_subjects=2, seed=0, workers=2, progress=False)
@@ -259,7 +336,8 @@ def test_cxr_resume_rewrites_only_the_missing_image(cxr_root, tmp_path):
 def test_phantom_root_names_version_seed_and_size(monkeypatch, tmp_path):
     monkeypatch.setenv("MEMSTUDY_CACHE", str(tmp_path))
     root = phantom_root("brain-phantom", seed=3, n_subjects=7)
-    assert root == tmp_path / "phantoms" / f"brain-phantom-v{phantoms.BRAIN_PHANTOM_VERSION}-seed3-n7"
+    version = f"{phantoms.BRAIN_PHANTOM_VERSION}-nilearn{metadata.version('nilearn')}"
+    assert root == tmp_path / "phantoms" / f"brain-phantom-v{version}-seed3-n7"
     cxr = phantom_root("cxr-phantom", n_per_class={"train": (5, 6), "test": (1, 2)})
     assert cxr.name == f"cxr-phantom-v{phantoms.CXR_PHANTOM_VERSION}-seed0-train5x6-test1x2"
     with pytest.raises(ValueError, match="unknown phantom 'brats'"):

@@ -5,6 +5,11 @@ wheel) through a per-subject random deformation, synthesizes T2, FLAIR and T1ce 
 tissue maps, plants a tumour with the BraTS labels (1 necrotic/non-enhancing core, 2 edema, 4 enhancing
 rim) and varies gain, bias field and noise per subject. Like real volumes, adjacent axial slices of one
 subject are near-duplicates while subjects differ. Randomness comes from ``(seed, index)`` alone.
+
+The computation is float64 without BLAS or LAPACK (fixed-order sums, :mod:`memstudy.data.phantom_tools`),
+so a subject is bit-identical whatever the number of workers or threads and the BLAS kernel; float64
+leaves enough margin that the last-bit differences of ``exp``/``log`` between CPUs' SIMD code paths do not
+reach the rounded int16 voxels.
 """
 
 from __future__ import annotations
@@ -22,12 +27,21 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from memstudy.atomic import atomic_open, atomic_path, write_json
-from memstudy.data.phantom_tools import COMPLETE_MARKER, marker_matches, n_centres, run_jobs, smooth_field
+from memstudy.data.phantom_tools import (
+    COMPLETE_MARKER,
+    inverse3,
+    marker_matches,
+    matmul,
+    n_centres,
+    run_jobs,
+    smooth_field,
+)
 
 log = logging.getLogger(__name__)
 
 # Bump the version whenever the generator's output changes: it is part of the cache folder name.
-BRAIN_PHANTOM_VERSION = 1
+# 2: float64 and fixed-order sums (version 1 depended on the BLAS kernel and thread count).
+BRAIN_PHANTOM_VERSION = 2
 DEFAULT_N_SUBJECTS = 32
 
 BRATS_SHAPE = (240, 240, 155)
@@ -57,7 +71,7 @@ _LGG_FRACTION = 0.2  # BraTS 2020 has 76 low-grade of 369 subjects
 
 @dataclass(frozen=True)
 class _Template:
-    """The MNI152 template, cropped to the brain, as float32 arrays in template voxel coordinates."""
+    """The MNI152 template, cropped to the brain, as float64 arrays in template voxel coordinates."""
 
     t1: np.ndarray
     gm: np.ndarray
@@ -73,9 +87,9 @@ def _template() -> _Template:
     """Load the MNI152 T1/GM/WM templates from nilearn's wheel (no download), once per process."""
     from nilearn.datasets import load_mni152_gm_template, load_mni152_template, load_mni152_wm_template
 
-    t1 = load_mni152_template(resolution=1).get_fdata(dtype=np.float32)
-    gm = load_mni152_gm_template(resolution=1).get_fdata(dtype=np.float32)
-    wm = load_mni152_wm_template(resolution=1).get_fdata(dtype=np.float32)
+    t1 = load_mni152_template(resolution=1).get_fdata(dtype=np.float64)
+    gm = load_mni152_gm_template(resolution=1).get_fdata(dtype=np.float64)
+    wm = load_mni152_wm_template(resolution=1).get_fdata(dtype=np.float64)
     mask = t1 > 0  # skull-stripped: the template is exactly zero outside the brain
     nonzero = np.nonzero(mask)
     lower = np.array([ax.min() for ax in nonzero])
@@ -92,7 +106,7 @@ def _template() -> _Template:
         t1=np.ascontiguousarray(t1[crop]),
         gm=np.ascontiguousarray(gm[crop] * mask[crop]),
         wm=np.ascontiguousarray(wm[crop] * mask[crop]),
-        offset=start.astype(np.float32),
+        offset=start.astype(np.float64),
         lower=lower,
         upper=upper,
         tumour_sites=sites,
@@ -156,7 +170,7 @@ def _rotation(angles: np.ndarray) -> np.ndarray:
     rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
     ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
     rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return rz @ ry @ rx
+    return matmul(matmul(rz, ry), rx)
 
 
 def _subject_params(seed: int, index: int, template: _Template) -> _SubjectParams:
@@ -166,14 +180,14 @@ def _subject_params(seed: int, index: int, template: _Template) -> _SubjectParam
     size = np.exp(rng.normal(0.0, 0.04)) * np.exp(rng.normal(0.0, 0.03, size=3))
     angles = np.deg2rad(rng.uniform(-1, 1, size=3) * np.array([8.0, 5.0, 10.0]))
     flip = np.diag([-1.0, -1.0, 1.0])
-    linear = _rotation(angles) @ np.diag(1.0 / size) @ flip
+    linear = matmul(matmul(_rotation(angles), np.diag(1.0 / size)), flip)
     shift = rng.normal(0.0, [4.0, 4.0, 3.0])
     n = n_centres(_DEFORM_SPACING, max(BRATS_SHAPE))
     displacement = rng.normal(0.0, 5.0, size=(3, n, n, n))  # mm of smooth local warping
 
     grade = _subject_grade(seed, index)
     tumour_centre = template.tumour_sites[rng.integers(len(template.tumour_sites))].astype(float)
-    tumour_axes = np.diag(1.0 / rng.uniform(0.8, 1.2, size=3)) @ _rotation(rng.uniform(0, np.pi, 3))
+    tumour_axes = matmul(np.diag(1.0 / rng.uniform(0.8, 1.2, size=3)), _rotation(rng.uniform(0, np.pi, 3)))
     core_radius = rng.uniform(7.0, _MAX_CORE_RADIUS)
     if grade == "LGG" or rng.random() < 0.1:
         necrosis_fraction = 0.0
@@ -230,7 +244,7 @@ def _sub_box(
         lo = int(np.searchsorted(axis, round(c) - half))
         hi = int(np.searchsorted(axis, round(c) + half + 1))
         box.append(slice(lo, hi))
-    offsets = [axis[b] - np.float32(c) for axis, b, c in zip(axes, box, centre, strict=True)]
+    offsets = [axis[b] - c for axis, b, c in zip(axes, box, centre, strict=True)]
     return tuple(box), offsets
 
 
@@ -241,18 +255,18 @@ def _pull(coords: np.ndarray, offsets: list[np.ndarray], linear: np.ndarray, str
     a negative ``strength`` k shrinks the tissue instead.
     """
     r2 = offsets[0][:, None, None] ** 2 + offsets[1][None, :, None] ** 2 + offsets[2][None, None, :] ** 2
-    pull = np.float32(strength) * np.exp(-r2 / np.float32(radius**2))
+    pull = strength * np.exp(-r2 / radius**2)
     for d in range(3):
         coords[d] -= pull * (
             linear[d, 0] * offsets[0][:, None, None]
             + linear[d, 1] * offsets[1][None, :, None]
             + linear[d, 2] * offsets[2][None, None, :]
-        ).astype(np.float32)
+        )
 
 
 def _output_box(params: _SubjectParams, template: _Template, centre: np.ndarray) -> tuple[slice, ...]:
     """Output voxels that can show brain: the template's brain box mapped back, plus warp margin."""
-    inverse = np.linalg.inv(params.linear)
+    inverse = inverse3(params.linear)
     corners = np.array(
         [
             [lo if bit else hi for bit, lo, hi in zip(bits, template.lower, template.upper, strict=True)]
@@ -260,7 +274,7 @@ def _output_box(params: _SubjectParams, template: _Template, centre: np.ndarray)
         ],
         dtype=float,
     )
-    mapped = (corners - _TEMPLATE_CENTRE) @ inverse.T + centre
+    mapped = matmul(corners - _TEMPLATE_CENTRE, inverse.T) + centre
     margin = 16  # covers the smooth displacement (a few mm) with room to spare
     start = np.clip(np.floor(mapped.min(0)) - margin, 0, BRATS_SHAPE).astype(int)
     stop = np.clip(np.ceil(mapped.max(0)) + margin, 0, BRATS_SHAPE).astype(int)
@@ -276,8 +290,7 @@ def _sampling_coordinates(
     the tumour's sub-box of the output box and the offsets of its voxels from the tumour centre.
     """
     box_shape = tuple(len(a) for a in axes)
-    displacement = smooth_field(params.displacement, axes, _DEFORM_SPACING, [max(BRATS_SHAPE)] * 3)
-    coords = np.empty((3, *box_shape), np.float32)
+    coords = np.empty((3, *box_shape))
     relative = [a - c for a, c in zip(axes, centre, strict=True)]
     for d in range(3):
         coords[d] = (
@@ -285,13 +298,15 @@ def _sampling_coordinates(
             + params.linear[d, 1] * relative[1][None, :, None]
             + params.linear[d, 2] * relative[2][None, None, :]
         )
-        coords[d] += displacement[d] + (_TEMPLATE_CENTRE[d] - template.offset[d])
-    del displacement
-    ventricles_out = np.linalg.solve(params.linear, _VENTRICLE_CENTRE - _TEMPLATE_CENTRE) + centre
+        # one displacement component at a time keeps the float64 temporaries small
+        coords[d] += smooth_field(params.displacement[d], axes, _DEFORM_SPACING, [max(BRATS_SHAPE)] * 3)
+        coords[d] += _TEMPLATE_CENTRE[d] - template.offset[d]
+    inverse = inverse3(params.linear)
+    ventricles_out = matmul(inverse, (_VENTRICLE_CENTRE - _TEMPLATE_CENTRE)[:, None])[:, 0] + centre
     vbox, voffset = _sub_box(axes, ventricles_out, 60)
     _pull(coords[(slice(None), *vbox)], voffset, params.linear, params.ventricle_growth, 30.0)
     # Where the tumour sits on the output grid (ignoring the small local warp).
-    tumour_out = np.linalg.solve(params.linear, params.tumour_centre - _TEMPLATE_CENTRE) + centre
+    tumour_out = matmul(inverse, (params.tumour_centre - _TEMPLATE_CENTRE)[:, None])[:, 0] + centre
     half = math.ceil(_TUMOUR_REACH * params.core_radius * params.edema_factor + 3)
     tbox, toffset = _sub_box(axes, tumour_out, half)
     _pull(coords[(slice(None), *tbox)], toffset, params.linear, params.mass_effect, 1.2 * params.core_radius)
@@ -320,11 +335,11 @@ def brain_phantom_subject(seed: int, index: int) -> dict[str, np.ndarray]:
     noise_rng = np.random.default_rng([seed, index, 1])
     centre = _OUTPUT_CENTRE + params.shift
     box = _output_box(params, template, centre)
-    axes = [np.arange(b.start, b.stop, dtype=np.float32) for b in box]
+    axes = [np.arange(b.start, b.stop, dtype=np.float64) for b in box]
     box_shape = tuple(len(a) for a in axes)
 
     def sample(volume: np.ndarray, points: np.ndarray) -> np.ndarray:
-        return ndi.map_coordinates(volume, points, order=1, mode="constant", cval=0.0, output=np.float32)
+        return ndi.map_coordinates(volume, points, order=1, mode="constant", cval=0.0, output=np.float64)
 
     # Sample T1 over the box to find the brain, then everything else only at brain voxels (about a
     # quarter of the box): per-voxel work below runs on flat arrays of those voxels.
@@ -360,15 +375,15 @@ def brain_phantom_subject(seed: int, index: int) -> dict[str, np.ndarray]:
     for s, sequence in enumerate(SEQUENCES):
         if sequence == "t1":
             # a power keeps white matter (about 0.85) in place and varies the grey/white contrast
-            signal = np.float32(0.85) * (t1 / np.float32(0.85)) ** np.float32(params.t1_gamma)
+            signal = 0.85 * (t1 / 0.85) ** params.t1_gamma
         else:
-            grey, white, fluid = (np.float32(v) for v in params.tissue_signal[sequence])
+            grey, white, fluid = params.tissue_signal[sequence]
             signal = grey * gm + white * wm + fluid * csf
         tumour_signal = sum(params.tumour_signal[sequence][c] * w for c, w in tumour_weights.items())
         signal[where] = signal[where] * (1.0 - tumour_total) + tumour_signal * (1.0 + 0.2 * texture)
-        signal *= np.exp(np.float32(params.bias_strength[s]) * bias)
-        signal += noise_rng.standard_normal(len(brain), dtype=np.float32) * np.float32(params.noise[s])
-        np.clip(signal * np.float32(params.scale[s]), 0.0, None, out=signal)
+        signal *= np.exp(params.bias_strength[s] * bias)
+        signal += noise_rng.standard_normal(len(brain)) * params.noise[s]
+        np.clip(signal * params.scale[s], 0.0, None, out=signal)
         in_box = np.zeros(box_shape, np.int16)
         in_box.ravel()[brain] = np.rint(signal)
         volume = np.zeros(BRATS_SHAPE, np.int16)
@@ -428,7 +443,7 @@ def _tumour(
         seg[necrosis] = 1
         classes = {"ed": edema, "et": core & ~necrosis, "ncr": necrosis}
     # Soften the class boundaries by a fraction of a voxel, as partial volume does.
-    weights = {c: ndi.gaussian_filter(m.astype(np.float32), 0.7) * mask for c, m in classes.items()}
+    weights = {c: ndi.gaussian_filter(m.astype(np.float64), 0.7) * mask for c, m in classes.items()}
     return seg, weights, texture
 
 

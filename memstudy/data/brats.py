@@ -1,18 +1,25 @@
 """BraTS 2020 / 2021 loader: the paper's 2D slice pipeline, and a 3D volume mode.
 
-The 2D pipeline follows the authors' public code (NOTES.md §1): each volume, per subject and per
-sequence, is divided by its maximum and scaled to 0–255; 240×240 slices are zero-padded to 256×256;
-an axial slice is kept when more than 15 % of its padded pixels have T1 > 50; the label map
-(values 1, 2, 4) is stored as ``label * 255 / 5``.
+The 2D pipeline reproduces the authors' MATLAB script ``Preparation/split_volumes_to_slices.m`` in
+their public repository ``muhamadusman/Assist`` (MIT licence): each volume, per subject and per
+sequence, is read as double, divided by its own maximum and multiplied by 255 (still double); every
+240×240 axial slice is zero-padded into a 256×256 frame (8 pixels each side); a slice is kept when more
+than 15 % of the padded frame's pixels have T1 > 50, tested on the double values; the label map
+(values 1, 2, 4) becomes ``label / 5 * 255`` (51, 102, 204); each slice is then written as MATLAB's
+``uint8()`` does: rounded to the nearest integer with halves away from zero, saturated at 0 and 255.
+The authors permuted the subjects once and trained on the first 313 (2020) or 1195 (2021) subjects of
+that order, holding out the last 56; that order ships with this package (``holdout="authors"``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
 import zlib
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
@@ -34,11 +41,15 @@ SLICE_INTENSITY = 50  # T1 on the 0–255 scale
 SLICE_FRACTION = 0.15  # of the padded slice's pixels
 HOLDOUT_SEED = 0
 IGNORED_DIRS = {"__MACOSX"}
+#: Subjects the authors trained on: the first n of their order; the rest (56) are held out.
+AUTHORS_TRAIN_SUBJECTS = {2020: 313, 2021: 1195}
+#: Bump when the loader's output for the same files and options changes (it is part of the cache key).
+PIPELINE_VERSION = 2
 
 
 @dataclass(frozen=True)
 class Subject:
-    """One BraTS subject: its folder name, index in the sorted subject list, and sequence files."""
+    """One BraTS subject: folder name, index in the sorted list of all subject folders, sequence files."""
 
     name: str
     index: int
@@ -98,7 +109,7 @@ def _sequence_file(folder: Path, sequence: str) -> Path:
 
 def _read_volume(path: Path, sequence: str) -> np.ndarray:
     try:
-        volume = np.asarray(nib.load(path).dataobj, dtype=np.float32)
+        volume = np.asarray(nib.load(path).dataobj, dtype=np.float64)
     except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as error:
         raise ValueError(f"{path}: cannot read the {sequence.upper()} NIfTI volume ({error})") from error
     if volume.ndim != 3:
@@ -108,17 +119,38 @@ def _read_volume(path: Path, sequence: str) -> np.ndarray:
     return volume
 
 
+def scale_volume(volume: np.ndarray) -> np.ndarray:
+    """Scale a volume to 0–255 by its own maximum in float64: ``volume / max * 255``, as the authors do.
+
+    The operations and their order are MATLAB's (divide, then multiply), so the double values are
+    the same as theirs. A volume whose maximum is not positive becomes all zeros.
+    """
+    volume = np.asarray(volume, dtype=np.float64)
+    peak = float(volume.max())
+    if peak <= 0:
+        return np.zeros(volume.shape)
+    return volume / peak * 255.0
+
+
+def to_uint8(values: np.ndarray) -> np.ndarray:
+    """Convert float64 values to uint8 as MATLAB's ``uint8()`` does: halves away from zero, saturated.
+
+    ``floor(x + 0.5)`` would round the largest double below 0.5 up (the sum rounds to 1.0), so the
+    fraction is compared instead; ``x - floor(x)`` is exact.
+    """
+    values = np.clip(values, 0.0, 255.0)
+    rounded = np.floor(values)
+    rounded += (values - rounded) >= 0.5
+    return rounded.astype(np.uint8)
+
+
 def normalize_volume(volume: np.ndarray) -> np.ndarray:
     """Scale a volume to uint8 0–255 by its own maximum, as the paper's pipeline does.
 
-    Negative values are clipped to 0 and values are truncated to integers (as ``astype(uint8)``).
-    An all-zero volume stays zero.
+    ``to_uint8(scale_volume(volume))``: float64 ``volume / max * 255``, rounded to the nearest integer
+    with halves away from zero, negative values saturated to 0. An all-zero volume stays zero.
     """
-    volume = np.clip(volume, 0, None)
-    peak = float(volume.max())
-    if peak == 0:
-        return np.zeros(volume.shape, np.uint8)
-    return (volume * (255.0 / peak)).astype(np.uint8)
+    return to_uint8(scale_volume(volume))
 
 
 def encode_labels(labels: np.ndarray, path: Path) -> np.ndarray:
@@ -131,9 +163,11 @@ def encode_labels(labels: np.ndarray, path: Path) -> np.ndarray:
 
 
 def keep_slice_mask(t1: np.ndarray, padded_pixels: int) -> np.ndarray:
-    """Return which axial slices of a uint8 T1 volume (x, y, z) pass the paper's rule.
+    """Return which axial slices of a T1 volume (x, y, z) pass the paper's rule.
 
-    A slice is kept when more than 15 % of its ``padded_pixels`` (256×256 in the paper) have T1 > 50.
+    ``t1`` is the float64 volume on the 0–255 scale before rounding (:func:`scale_volume`), as in the
+    authors' script. A slice is kept when more than 15 % of its ``padded_pixels`` (256×256 in the
+    paper) have T1 > 50; padding adds only zeros, so counting in the unpadded slice is the same.
     """
     bright = np.count_nonzero(t1 > SLICE_INTENSITY, axis=(0, 1))
     return bright > SLICE_FRACTION * padded_pixels
@@ -181,44 +215,110 @@ def _cube(volumes: np.ndarray, size: int, channels: tuple[str, ...]) -> np.ndarr
     return np.rot90(out.transpose(0, 3, 1, 2), axes=(2, 3)).copy()
 
 
-def list_subjects(root: str | os.PathLike, year: int, channels: tuple[str, ...]) -> tuple[list, list]:
-    """Find subjects and their sequence files; return ``(subjects, problems)``.
+@functools.cache
+def authors_subject_order(year: int) -> tuple[str, ...]:
+    """The subject order the authors fixed for BraTS ``year`` (2020: 369 names, 2021: 1251).
 
-    ``problems`` holds ``(subject folder, error)`` for subjects with a missing sequence.
+    Read from ``memstudy/data/authors/brats{20,21}_subject_order.txt`` (package data; source and
+    licence in ``memstudy/data/authors/LICENSE``). They trained on the first
+    ``AUTHORS_TRAIN_SUBJECTS[year]`` subjects and held out the rest.
     """
+    if year not in AUTHORS_TRAIN_SUBJECTS:
+        raise ValueError(f"year must be 2020 or 2021, got {year!r}")
+    text = resources.files("memstudy.data").joinpath("authors", f"brats{year % 100}_subject_order.txt")
+    return tuple(line.strip() for line in text.read_text().splitlines() if line.strip())
+
+
+def split_subjects(
+    names: list[str],
+    holdout: int | Literal["authors"],
+    split: str,
+    n_subjects: int | None,
+    *,
+    year: int = 2020,
+) -> list[str]:
+    """Choose the subjects of one side of the hold-out split, by folder name.
+
+    Parameters
+    ----------
+    names : list of str
+        Every subject folder found, whatever files it holds, so that the split of a subject never
+        depends on another subject's files or on the channels asked for.
+    holdout : int or "authors"
+        An int n: permute the sorted ``names`` with ``HOLDOUT_SEED`` and hold out the last n.
+        ``"authors"``: the authors' order (:func:`authors_subject_order`); its first
+        ``AUTHORS_TRAIN_SUBJECTS[year]`` subjects are the training side, the rest held out.
+    split : {"train", "holdout"}
+        Which side to return.
+    n_subjects : int, optional
+        Keep the first n subjects of that side's order, so smaller training sets are nested in
+        larger ones.
+    year : {2020, 2021}
+        Which authors' order (``holdout="authors"`` only).
+
+    Returns
+    -------
+    list of str
+        Sorted names for an int ``holdout``; in the authors' order for ``"authors"``.
+    """
+    if split not in ("train", "holdout"):
+        raise ValueError(f"split must be 'train' or 'holdout', got {split!r}")
+    names = sorted(names)
+    if holdout == "authors":
+        chosen = _authors_side(names, split, year)
+    elif isinstance(holdout, int) and not isinstance(holdout, bool):
+        if not 0 <= holdout < len(names) or (split == "holdout" and holdout == 0):
+            raise ValueError(
+                f"holdout={holdout} subjects, but the layout has {len(names)} subject folders "
+                f"(holdout must be ≥ 1 for split='holdout' and leave at least one for training)"
+            )
+        order = np.random.default_rng(HOLDOUT_SEED).permutation(len(names))
+        side = order[len(order) - holdout :] if split == "holdout" else order[: len(order) - holdout]
+        chosen = [names[i] for i in side]
+    else:
+        raise ValueError(f"holdout must be a number of subjects (int ≥ 0) or 'authors', got {holdout!r}")
+    if n_subjects is not None:
+        if not 1 <= n_subjects <= len(chosen):
+            raise ValueError(f"n_subjects={n_subjects}, but the {split} split has {len(chosen)} subjects")
+        chosen = chosen[:n_subjects]
+    return chosen if holdout == "authors" else sorted(chosen)
+
+
+def _authors_side(names: list[str], split: str, year: int) -> list[str]:
+    """The found subjects on one side of the authors' split, in the authors' order."""
+    order = authors_subject_order(year)
+    position = {name: i for i, name in enumerate(order)}
+    unknown = [name for name in names if name not in position]
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise ValueError(
+            f"holdout='authors': {shown} not in the authors' BraTS {year} subject order "
+            f"({len(order)} subjects); use an int holdout for other subject sets"
+        )
+    n_train = AUTHORS_TRAIN_SUBJECTS[year]
+    found = sorted(names, key=position.__getitem__)
+    chosen = [n for n in found if (position[n] < n_train) == (split == "train")]
+    if not chosen:
+        raise ValueError(
+            f"holdout='authors': none of the {len(names)} subjects found is on the {split} side of "
+            f"the authors' BraTS {year} split"
+        )
+    return chosen
+
+
+def _subject_files(
+    folders: list[Path], channels: tuple[str, ...], index: dict[str, int]
+) -> tuple[list[Subject], list[tuple[Path, FileNotFoundError]]]:
+    """Find each folder's sequence files; return ``(subjects, problems)`` (problems: missing files)."""
     subjects, problems = [], []
-    for index, folder in enumerate(find_subject_dirs(Path(root), year)):
+    for folder in folders:
         try:
             files = {seq: _sequence_file(folder, seq) for seq in dict.fromkeys(("t1", *channels))}
         except FileNotFoundError as error:
             problems.append((folder, error))
             continue
-        subjects.append(Subject(folder.name, index, files))
+        subjects.append(Subject(folder.name, index[folder.name], files))
     return subjects, problems
-
-
-def split_subjects(
-    subjects: list[Subject], holdout: int, split: str, n_subjects: int | None
-) -> list[Subject]:
-    """Permute subjects with a fixed seed, hold out the last ``holdout``, pick ``split``.
-
-    ``n_subjects`` keeps the first n of the chosen split, so smaller training sets are nested in
-    larger ones.
-    """
-    if split not in ("train", "holdout"):
-        raise ValueError(f"split must be 'train' or 'holdout', got {split!r}")
-    if not 0 <= holdout < len(subjects) or (split == "holdout" and holdout == 0):
-        raise ValueError(
-            f"holdout={holdout} subjects, but the layout has {len(subjects)} usable subjects "
-            f"(holdout must be ≥ 1 for split='holdout' and leave at least one for training)"
-        )
-    order = np.random.default_rng(HOLDOUT_SEED).permutation(len(subjects))
-    chosen = order[len(order) - holdout :] if split == "holdout" else order[: len(order) - holdout]
-    if n_subjects is not None:
-        if not 1 <= n_subjects <= len(chosen):
-            raise ValueError(f"n_subjects={n_subjects}, but the {split} split has {len(chosen)} subjects")
-        chosen = chosen[:n_subjects]
-    return [subjects[i] for i in sorted(chosen)]
 
 
 def load_brats(
@@ -228,7 +328,7 @@ def load_brats(
     channels: tuple[str, ...] = SEQUENCES,
     size: int | None = None,
     pad_to: int | None = 256,
-    holdout: int = 0,
+    holdout: int | Literal["authors"] = 0,
     split: Literal["train", "holdout"] = "train",
     n_subjects: int | None = None,
     mode: Literal["2d", "3d"] = "2d",
@@ -253,19 +353,25 @@ def load_brats(
     pad_to : int or None
         Zero-pad slices in-plane to this size (the paper: 256). The 15 % slice rule counts pixels of
         the padded slice.
-    holdout : int
-        Subjects held out after a fixed-seed permutation of all subjects (the paper: 56; 0 keeps all).
+    holdout : int or "authors"
+        An int n: hold out the last n subjects of a fixed-seed (``HOLDOUT_SEED``) permutation of all
+        subject folders found (0 keeps all). ``"authors"``: the authors' own split of real BraTS
+        (train on the first 313 (2020) or 1195 (2021) subjects of their order, hold out the last 56);
+        every subject folder found must be in their list. Either way a subject's side depends only on
+        the subject folders present, never on their files or on ``channels``.
     split : {"train", "holdout"}
         Which side of the hold-out split to load.
     n_subjects : int, optional
-        Keep only the first n subjects of the split (nested: smaller sets are subsets of larger ones).
+        Keep only the first n subjects of the split's order (nested: smaller sets are subsets of
+        larger ones). Chosen before incomplete subjects are dropped, so ``on_error="skip"`` can
+        give fewer.
     mode : {"2d", "3d"}
         ``"2d"``: kept axial slices, shape (N, C, H, W). ``"3d"``: one image per subject, the volume
         cropped to the brain's bounding box, padded to a cube and resampled to ``size``³, shape
         (N, C, D, H, W).
     on_error : {"raise", "skip"}
-        What to do with a subject whose file is missing, unreadable or of the wrong shape. Skipped
-        subjects are logged and listed in ``provenance["skipped"]``.
+        What to do with a chosen subject whose file is missing, unreadable or of the wrong shape.
+        Skipped subjects are logged and listed in ``provenance["skipped"]``.
     progress : bool
         Show a progress bar over subjects.
 
@@ -273,7 +379,9 @@ def load_brats(
     -------
     ImageSet
         uint8 images 0–255, ``names`` like ``BraTS20_Training_001/z078`` (2D) or the subject name
-        (3D), ``groups`` = the subject's index in the sorted list of all subjects. Cached on disk.
+        (3D), ``groups`` = the subject's index in the sorted list of all subject folders found.
+        Subjects come in sorted order (int ``holdout``) or the authors' order (``"authors"``).
+        Cached on disk.
     """
     channels = tuple(channels)
     if not channels or set(channels) - set(SEQUENCES):
@@ -284,10 +392,13 @@ def load_brats(
         raise ValueError(f"mode must be '2d' or '3d', got {mode!r}")
     if mode == "3d" and size is None:
         size = 64
-    subjects, problems = list_subjects(root, year, channels)
+    folders = find_subject_dirs(Path(root), year)
+    by_name = {folder.name: folder for folder in folders}
+    chosen = split_subjects(list(by_name), holdout, split, n_subjects, year=year)
+    index = {name: i for i, name in enumerate(by_name)}
+    subjects, problems = _subject_files([by_name[name] for name in chosen], channels, index)
     if problems and on_error == "raise":
         raise problems[0][1]
-    subjects = split_subjects(subjects, holdout, split, n_subjects)
     options = {
         "year": year,
         "channels": channels,
@@ -325,7 +436,9 @@ def load_brats(
             log.warning("skipped %d of %d BraTS subjects", len(skipped), len(subjects) + len(problems))
         return {"root": str(Path(root).resolve()), "subjects": [s.name for s in subjects], "skipped": skipped}
 
-    return cached_imageset(f"brats{year % 100}-{mode}", options, files, build, channels)
+    return cached_imageset(
+        f"brats{year % 100}-{mode}", options, files, build, channels, version=PIPELINE_VERSION
+    )
 
 
 def _add_subject(
@@ -337,12 +450,12 @@ def _add_subject(
     pad_to: int | None,
     mode: str,
 ) -> None:
-    t1 = normalize_volume(volumes["t1"])
+    t1 = scale_volume(volumes["t1"])  # the slice rule reads the unrounded values
     encoded = np.stack(
         [
             encode_labels(volumes[c], subject.files[c])
             if c == "seg"
-            else (t1 if c == "t1" else normalize_volume(volumes[c]))
+            else to_uint8(t1 if c == "t1" else scale_volume(volumes[c]))
             for c in channels
         ]
     )

@@ -1,8 +1,10 @@
 """The on-disk cache of prepared ImageSets.
 
 A prepared ImageSet lives in ``<cache>/imagesets/<loader>-<key>/``. The key hashes the loader's name,
-its options and every input file's path, size and modification time, so changing an input file or an
-option prepares the data again, and an unchanged request is a memory-mapped load.
+its pipeline version, its options and every input file's path, size and modification time, so changing
+an input file, an option or the loader's output prepares the data again, and an unchanged request is a
+memory-mapped load. Each loader module declares ``PIPELINE_VERSION`` and bumps it whenever its output
+for the same input changes (``tests/test_data_fingerprints.py`` fails until it is bumped).
 """
 
 from __future__ import annotations
@@ -12,14 +14,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from memstudy.atomic import write_json
+from memstudy.atomic import make_temp_dir, replace_durably, write_json
 from memstudy.data.imageset import IMAGES_FILE, META_FILE, ImageSet
 
 log = logging.getLogger(__name__)
@@ -30,13 +31,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MEMSTUDY_CACHE") or Path.home() / ".cache" / "memstudy")
 
 
-def cache_key(loader: str, options: dict[str, Any], files: Iterable[str | os.PathLike]) -> str:
-    """Hash a loader name, its options and its input files (path, size, mtime) into a hex key."""
+def cache_key(
+    loader: str, options: dict[str, Any], files: Iterable[str | os.PathLike], *, version: int
+) -> str:
+    """Hash a loader name, its pipeline version, its options and its input files (path, size, mtime)."""
     stamps = []
     for file in sorted(str(f) for f in files):
         stat = os.stat(file)
         stamps.append([file, stat.st_size, stat.st_mtime_ns])
-    blob = json.dumps({"loader": loader, "options": options, "files": stamps}, sort_keys=True, default=str)
+    blob = json.dumps(
+        {"loader": loader, "version": version, "options": options, "files": stamps},
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -107,31 +114,45 @@ def cached_imageset(
     files: Iterable[str | os.PathLike],
     build: Callable[[ImageSetWriter], dict[str, Any]],
     channels: tuple[str, ...],
+    *,
+    version: int,
 ) -> ImageSet:
     """Return the cached ImageSet for this request, preparing it with ``build`` on a miss.
 
     ``build(writer)`` appends images to the writer and returns the provenance dict. It runs in a
-    temporary folder that is renamed into place only when complete, so a failed or interrupted
-    preparation leaves nothing behind and the next call starts afresh.
+    temporary folder (with the umask's permissions, so other users and Dask workers can read the
+    result) that is flushed to disk and renamed into place only when complete, so a failed or
+    interrupted preparation leaves nothing behind and the next call starts afresh. ``version`` is the
+    loader's ``PIPELINE_VERSION``: part of the key, so a loader whose output changed never reuses an
+    entry prepared by its older code.
     """
     files = list(files)
-    key = cache_key(loader, options, files)
+    key = cache_key(loader, options, files, version=version)
     target = cache_dir() / "imagesets" / f"{loader}-{key}"
     if (target / META_FILE).is_file():
         log.info("using cached %s data in %s", loader, target)
         return ImageSet.load(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    staging = make_temp_dir(target.parent, target.name)
     try:
         writer = ImageSetWriter(staging, channels, loader)
         provenance = build(writer)
-        writer.finish({"loader": loader, "options": options, "cache_dir": str(target), **provenance})
+        writer.finish(
+            {
+                "loader": loader,
+                "pipeline_version": version,
+                "options": options,
+                "cache_dir": str(target),
+                **provenance,
+            }
+        )
         try:
-            os.replace(staging, target)
+            replace_durably(staging, target)
         except OSError:
-            if not (target / META_FILE).is_file():  # a half-made target from an older crash
-                shutil.rmtree(target, ignore_errors=True)
-                os.replace(staging, target)
+            if (target / META_FILE).is_file():  # another process finished the same entry first
+                return ImageSet.load(target)
+            shutil.rmtree(target, ignore_errors=True)  # a half-made target from an older crash
+            replace_durably(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ImageSet.load(target)

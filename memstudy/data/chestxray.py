@@ -10,13 +10,15 @@ from __future__ import annotations
 import logging
 import os
 import re
+import zlib
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm.auto import tqdm
 
+from memstudy.data import image_files
 from memstudy.data.cache import ImageSetWriter, cached_imageset
 from memstudy.data.imageset import ImageSet
 
@@ -24,8 +26,11 @@ log = logging.getLogger(__name__)
 
 CLASSES = ("NORMAL", "PNEUMONIA")
 SPLITS = ("train", "val", "test")
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 BATCH = 64
+#: Seed of the class-stratified patient order that ``n_subjects`` takes its patients from.
+SUBSET_SEED = 0
+#: Bump when the loader's output for the same files and options changes (it is part of the cache key).
+PIPELINE_VERSION = 2
 
 
 def find_split_dir(root: str | os.PathLike, split: str) -> Path:
@@ -59,13 +64,10 @@ def list_images(split_dir: Path, classes: tuple[str, ...]) -> list[tuple[str, Pa
         folder = split_dir / label
         if not folder.is_dir():
             raise FileNotFoundError(f"{split_dir}: no {label}/ class folder")
-        found += [
-            (label, p)
-            for p in sorted(folder.iterdir())
-            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
-        ]
+        found += [(label, p) for p in image_files.list_images(folder)]
     if not found:
-        raise FileNotFoundError(f"{split_dir}: no images (*.jpeg, *.jpg, *.png) in {', '.join(classes)}")
+        patterns = ", ".join(f"*{suffix}" for suffix in sorted(image_files.IMAGE_SUFFIXES))
+        raise FileNotFoundError(f"{split_dir}: no images ({patterns}) in {', '.join(classes)}")
     return found
 
 
@@ -76,18 +78,60 @@ def patient_key(label: str, filename: str) -> str:
 
 
 def read_xray(path: Path, size: int) -> np.ndarray:
-    """Read one radiograph as uint8 (size, size): grayscale, centre-cropped square, Lanczos-resized."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            gray = image.convert("L")
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"{path}: cannot read the image ({error})") from error
+    """Read one radiograph as uint8 (size, size): grayscale, centre-cropped square, Lanczos-resized.
+
+    Raises ``ValueError`` (an :class:`~memstudy.data.image_files.ImageFileError`) naming the file
+    if it cannot be read as an 8-bit image.
+    """
+    gray = Image.fromarray(image_files.read_gray(path))
     width, height = gray.size
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
     square = gray.crop((left, top, left + side, top + side))
     return np.asarray(square.resize((size, size), Image.Resampling.LANCZOS), dtype=np.uint8)
+
+
+def stratified_patient_order(patient_classes: dict[str, str], *, seed: int = SUBSET_SEED) -> list[str]:
+    """Order patients so that every prefix is a class-stratified random draw of whole patients.
+
+    Parameters
+    ----------
+    patient_classes : dict of str to str
+        Class of every patient (e.g. ``{"NORMAL/IM-0001": "NORMAL", ...}``).
+    seed : int
+        Seed of the shuffle within each class.
+
+    Returns
+    -------
+    list of str
+        All patients. The first n hold each class in proportion to its share of the patients
+        (within one patient), so ``order[:n]`` is nested in ``order[:m]`` for n < m.
+
+    Notes
+    -----
+    Each class's sorted patients are shuffled with a generator seeded by ``(seed, crc32(class))``,
+    so a class's order does not depend on the other classes. The classes are then interleaved: the
+    next patient comes from the class furthest below its quota ``t * n_class / n_total`` for the
+    first t patients (exact integer comparison; ties go to the class first in sorted order).
+    """
+    by_class: dict[str, list[str]] = {}
+    for patient, label in sorted(patient_classes.items()):
+        by_class.setdefault(label, []).append(patient)
+    labels = sorted(by_class)
+    queues = {}
+    for label in labels:
+        members = by_class[label]
+        rng = np.random.default_rng([seed, zlib.crc32(label.encode())])
+        queues[label] = [members[i] for i in rng.permutation(len(members))]
+    total = len(patient_classes)
+    taken = dict.fromkeys(labels, 0)
+    order = []
+    for t in range(1, total + 1):
+        # An exhausted class has a deficit ≤ 0 and the deficits sum to n_total > 0, so it is never chosen.
+        label = max(labels, key=lambda c: (t * len(queues[c]) - total * taken[c], -labels.index(c)))
+        order.append(queues[label][taken[label]])
+        taken[label] += 1
+    return order
 
 
 def load_chestxray(
@@ -113,8 +157,10 @@ def load_chestxray(
     classes : tuple of str
         Class folders to read, in order.
     n_subjects : int, optional
-        Keep only the images of the first n patients (in sorted class, file order); a Kermany
-        patient may have several images.
+        Keep only the images of n patients, drawn class-stratified with a fixed seed
+        (:func:`stratified_patient_order`): each class in proportion to its patients, and a
+        smaller set nested in a larger one. A Kermany patient may have several images; images
+        stay in class, file order.
     on_error : {"raise", "skip"}
         What to do with a file that cannot be read; skipped files are logged and listed in
         ``provenance["skipped"]``.
@@ -133,14 +179,15 @@ def load_chestxray(
     if size < 8:
         raise ValueError(f"size must be at least 8 pixels, got {size}")
     entries = list_images(find_split_dir(root, split), tuple(classes))
-    patients: dict[str, int] = {}
-    patient_of = [
-        patients.setdefault(patient_key(label, path.name), len(patients)) for label, path in entries
-    ]
+    patients: dict[str, int] = {}  # patient id -> group number, in class, file order
+    for label, path in entries:
+        patients.setdefault(patient_key(label, path.name), len(patients))
     if n_subjects is not None:
         if not 1 <= n_subjects <= len(patients):
             raise ValueError(f"n_subjects={n_subjects}, but the {split} split has {len(patients)} patients")
-        entries = [e for e, p in zip(entries, patient_of, strict=True) if p < n_subjects]
+        classes_of = {patient_key(label, path.name): label for label, path in entries}
+        chosen = set(stratified_patient_order(classes_of)[:n_subjects])
+        entries = [(label, path) for label, path in entries if patient_key(label, path.name) in chosen]
     options = {
         "split": split,
         "size": size,
@@ -172,4 +219,6 @@ def load_chestxray(
             log.warning("skipped %d of %d chest x-ray files", len(skipped), len(entries))
         return {"root": str(Path(root).resolve()), "classes": kept_classes, "skipped": skipped}
 
-    return cached_imageset("chestxray", options, [p for _, p in entries], build, ("gray",))
+    return cached_imageset(
+        "chestxray", options, [p for _, p in entries], build, ("gray",), version=PIPELINE_VERSION
+    )

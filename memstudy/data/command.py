@@ -212,13 +212,28 @@ def add_data_command(commands: argparse._SubParsersAction) -> None:
     add_data_options(prepare, flag="--option")
     prepare.add_argument("--size", type=int, help="image side after the paper's pipeline (e.g. 64, 128, 256)")
     prepare.add_argument("--split", help="BraTS: train|holdout; chest x-ray: train|val|test")
-    prepare.add_argument("--holdout", type=int, help="BraTS: subjects held out (the paper: 56)")
+    prepare.add_argument(
+        "--holdout",
+        type=_holdout,
+        help="BraTS: subjects held out after a fixed permutation (the paper: 56), or 'authors' for the "
+        "authors' exact split (313/1195 training subjects of their order, the last 56 held out)",
+    )
     prepare.add_argument("--n-subjects", type=int, help="keep the first n subjects (patients) of the split")
     prepare.add_argument("--pad-to", type=int, help="BraTS: zero-pad slices to this size first (default 256)")
     prepare.add_argument("--mode", choices=("2d", "3d"), help="BraTS: 2D slices or 3D volumes")
     prepare.add_argument("--channels", help="BraTS: comma-separated sequences, e.g. t1,t2,flair,t1ce,seg")
     prepare.add_argument("--on-error", choices=("raise", "skip"), help="what to do with unreadable files")
     prepare.set_defaults(func=run_prepare)
+
+
+def _holdout(text: str) -> int | str:
+    """``--holdout``: a number of subjects or the word ``authors``."""
+    if text == "authors":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a subject count or 'authors', got {text!r}") from None
 
 
 def run_prepare(args: argparse.Namespace) -> int:

@@ -2,6 +2,8 @@
 
 Independent images (body outline, lungs, heart, mediastinum, ribs, clavicles, diaphragm) in the NORMAL
 and PNEUMONIA classes, the latter with patchy opacities. Randomness comes from ``(seed, index)`` alone.
+Computed in float64 without BLAS (fixed-order sums), so an image does not depend on the thread count,
+the number of workers or the BLAS kernel.
 """
 
 from __future__ import annotations
@@ -17,12 +19,20 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage as ndi
 
 from memstudy.atomic import atomic_path, write_json
-from memstudy.data.phantom_tools import COMPLETE_MARKER, marker_matches, n_centres, run_jobs, smooth_field
+from memstudy.data.phantom_tools import (
+    COMPLETE_MARKER,
+    marker_matches,
+    matmul,
+    n_centres,
+    run_jobs,
+    smooth_field,
+)
 
 log = logging.getLogger(__name__)
 
 # Bump the version whenever the generator's output changes: it is part of the cache folder name.
-CXR_PHANTOM_VERSION = 1
+# 2: float64 and fixed-order sums (version 1 depended on the BLAS kernel and thread count).
+CXR_PHANTOM_VERSION = 2
 DEFAULT_CXR_PER_CLASS: dict[str, tuple[int, int]] = {"train": (200, 300), "val": (8, 8), "test": (50, 50)}
 
 
@@ -42,7 +52,7 @@ _CXR_WORK_WIDTH = 400  # anatomy is drawn at most this wide, then resized; noise
 
 
 def _cxr_field(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, spacing: float) -> np.ndarray:
-    """Smooth unit-variance random field on the grid ``y`` × ``x`` (patient units), float32 (H, W)."""
+    """Smooth unit-variance random field on the grid ``y`` × ``x`` (patient units), float64 (H, W)."""
     lo, hi = min(x.min(), y.min()) - spacing, max(x.max(), y.max()) + spacing
     n = n_centres(spacing, hi - lo)
     return smooth_field(rng.normal(size=(n, n)), [y - lo, x - lo], spacing, [hi - lo] * 2)
@@ -75,7 +85,7 @@ def _add_band(
         int(np.searchsorted(y, centre.min() - 2 * half_width)),
         int(np.searchsorted(y, centre.max() + 2 * half_width)),
     )
-    d2 = ((y[rows, None] - centre[None, :]) / np.float32(half_width)) ** 2
+    d2 = ((y[rows, None] - centre[None, :]) / half_width) ** 2
     image[rows, cols] += weight(t) * np.exp(-(d2 * d2))
 
 
@@ -87,14 +97,13 @@ def _radial_ridges(rng: np.random.Generator, angle: np.ndarray, radius: np.ndarr
     """Thin lines radiating from a centre and slowly bending, thinning outwards: vessel markings."""
     table = np.linspace(-np.pi, np.pi, 4096, endpoint=False)
     terms = np.arange(6, 48)
-    g = (rng.normal(size=len(terms)) / np.sqrt(terms)) @ np.cos(
-        terms[:, None] * table[None, :] + rng.uniform(0, 2 * np.pi, len(terms))[:, None]
-    )
+    waves = np.cos(terms[:, None] * table[None, :] + rng.uniform(0, 2 * np.pi, len(terms))[:, None])
+    g = matmul((rng.normal(size=len(terms)) / np.sqrt(terms))[None, :], waves)[0]
     g /= g.std()
     bent = angle + 0.15 * np.sin(radius / 0.08 + rng.uniform(0, 2 * np.pi))
     wrapped = (bent + np.pi) % (2 * np.pi) - np.pi
     value = np.interp(wrapped, table, g, period=2 * np.pi)
-    return np.exp(-((value / (0.25 + 0.3 * np.exp(-radius / 0.15))) ** 2)).astype(np.float32)
+    return np.exp(-((value / (0.25 + 0.3 * np.exp(-radius / 0.15))) ** 2))
 
 
 def chest_xray_phantom_image(
@@ -129,8 +138,8 @@ def chest_xray_phantom_image(
     work = min(1.0, _CXR_WORK_WIDTH / width)
     w, h = round(width * work), round(height * work)
     scale = min(w, 1.1 * h) * rng.uniform(0.55, 0.75)  # pixels per patient unit
-    x = ((np.arange(w) - w * rng.uniform(0.46, 0.54)) / scale).astype(np.float32)
-    y = ((np.arange(h) - h * rng.uniform(0.4, 0.52)) / scale).astype(np.float32)
+    x = (np.arange(w) - w * rng.uniform(0.46, 0.54)) / scale
+    y = (np.arange(h) - h * rng.uniform(0.4, 0.52)) / scale
     X, Y = x[None, :], y[:, None]
     t = np.abs(x)  # distance from the midline, per column
 
@@ -153,7 +162,7 @@ def chest_xray_phantom_image(
     # domes of the diaphragm cut them below, the right one (image left) higher, over the liver.
     apex = shoulder + rng.uniform(-0.02, 0.05)
     base = rng.uniform(0.3, 0.42)
-    lung_air = np.zeros((h, w), np.float32)
+    lung_air = np.zeros((h, w), np.float64)
     for side in (-1, 1):
         medial = rng.uniform(0.05, 0.08)
         lateral = half_width - rng.uniform(0.04, 0.08)
@@ -165,7 +174,7 @@ def chest_xray_phantom_image(
         dome = dome_top + rng.uniform(0.1, 0.16) * np.clip(((t - centre) / (lateral - centre)) ** 2, 0, 1.3)
         below_dome = _sigmoid((dome[None, :] - Y) / 0.006)
         on_side = (np.sign(x) == side)[None, :]
-        lung_air += (across * below_dome * on_side).astype(np.float32)
+        lung_air += (across * below_dome * on_side).astype(np.float64)
 
     # Heart and mediastinum replace lung; the heart bulges to the patient's left (image right).
     heart_u, heart_v = rng.uniform(0.1, 0.15), base - rng.uniform(0.04, 0.08)
@@ -180,7 +189,7 @@ def chest_xray_phantom_image(
     lungs = lung_air > 0.15
 
     # Vessel markings: lines radiating from the hila, fading towards the periphery.
-    vessels = np.zeros((h, w), np.float32)
+    vessels = np.zeros((h, w), np.float64)
     hila = []
     for side in (-1, 1):
         hx, hy = side * rng.uniform(0.1, 0.14), heart_v - rng.uniform(0.2, 0.26)
@@ -226,7 +235,7 @@ def _ribs_and_clavicles(
     half_width: float,
 ) -> np.ndarray:
     """Density of the clavicles, the posterior ribs (visible) and the anterior ribs (faint)."""
-    bones = np.zeros((len(y), len(x)), np.float32)
+    bones = np.zeros((len(y), len(x)), np.float64)
     spacing = (base - apex + 0.1) / 10
     wall = half_width + 0.04
 
@@ -262,7 +271,7 @@ def _expose(
     lo, hi = np.percentile(attenuation, [1, 99.8])
     image = np.clip((attenuation - lo) / (hi - lo), 0, 1) ** rng.uniform(0.8, 1.3)
     image = ndi.gaussian_filter(image, rng.uniform(0.8, 1.5))
-    image = np.asarray(Image.fromarray(image.astype(np.float32)).resize(size, Image.BICUBIC))
+    image = np.asarray(Image.fromarray(image.astype(np.float32)).resize(size, Image.BICUBIC), np.float64)
     image = image + rng.normal(0, rng.uniform(0.01, 0.03), image.shape)
     image = np.clip(image * rng.uniform(0.85, 1.0) + rng.uniform(0.0, 0.08), 0, 1)
     pil = Image.fromarray(np.rint(image * 255).astype(np.uint8))
@@ -280,7 +289,7 @@ def _opacity(
     X, Y = x[None, :], y[:, None]
     patches = _cxr_field(rng, x, y, 0.05)
     if kind == "bacteria":  # lobar consolidation: one or two dense, fairly confluent regions
-        opacity = np.zeros(patches.shape, np.float32)
+        opacity = np.zeros(patches.shape, np.float64)
         for _ in range(rng.integers(1, 4)):
             u, v = rng.choice([-1, 1]) * rng.uniform(0.15, 0.35), rng.uniform(-0.25, 0.3)
             size = rng.uniform(0.12, 0.24, size=2)

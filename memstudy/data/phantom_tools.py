@@ -84,31 +84,67 @@ def _single_threaded_children() -> Iterator[None]:
 def gaussian_basis(coords: np.ndarray, spacing: float, extent: float) -> np.ndarray:
     """Gaussian bumps of width ``spacing`` centred every ``spacing`` over ``[-spacing, extent + spacing]``.
 
-    Returns float32 of shape ``(len(coords), n_centres)``.
+    Returns float64 of shape ``(len(coords), n_centres)``.
     """
     centres = np.arange(-spacing, extent + 2 * spacing, spacing)
-    return np.exp(-0.5 * ((coords[:, None] - centres[None, :]) / spacing) ** 2).astype(np.float32)
+    return np.exp(-0.5 * ((np.asarray(coords, np.float64)[:, None] - centres[None, :]) / spacing) ** 2)
 
 
 def n_centres(spacing: float, extent: float) -> int:
+    """Number of lattice points :func:`gaussian_basis` places over ``extent``."""
     return len(np.arange(-spacing, extent + 2 * spacing, spacing))
+
+
+def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` for small float64 matrices, summed in a fixed order with elementwise operations.
+
+    BLAS rounds differently with the CPU kernel and the thread count; phantoms must not.
+    """
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    out = a[..., :, 0, None] * b[..., 0, :]
+    for j in range(1, a.shape[-1]):
+        out = out + a[..., :, j, None] * b[..., j, :]
+    return out
+
+
+def inverse3(m: np.ndarray) -> np.ndarray:
+    """Inverse of a 3×3 float64 matrix from its cofactors (no LAPACK: see :func:`matmul`)."""
+    m = np.asarray(m, np.float64)
+    cofactors = np.empty((3, 3))
+    for i in range(3):
+        for j in range(3):
+            r0, r1 = [r for r in range(3) if r != i]
+            c0, c1 = [c for c in range(3) if c != j]
+            cofactors[i, j] = (-1) ** (i + j) * (m[r0, c0] * m[r1, c1] - m[r0, c1] * m[r1, c0])
+    determinant = m[0, 0] * cofactors[0, 0] + m[0, 1] * cofactors[0, 1] + m[0, 2] * cofactors[0, 2]
+    if determinant == 0:
+        raise ValueError("matrix is singular")
+    return cofactors.T / determinant
 
 
 def smooth_field(
     coefficients: np.ndarray, axes: list[np.ndarray], spacing: float, extents: list[float]
 ) -> np.ndarray:
-    """Evaluate a smooth random field on the grid spanned by ``axes``.
+    """Evaluate a smooth random field on the grid spanned by ``axes``, in float64.
 
     The field is a sum of separable Gaussian bumps with ``coefficients`` (shape ``(..., n0, n1[, n2])``
     of independent N(0, 1) draws) on a fixed lattice over ``extents``, so it is defined in absolute
-    coordinates and any sub-grid evaluates the same values. Contracting one axis at a time makes this
-    far cheaper than smoothing white noise at full resolution. The result has about unit variance.
+    coordinates. Contracting one axis at a time makes this far cheaper than smoothing white noise at
+    full resolution. The result has about unit variance.
+
+    Every grid point's value is the same sum of products in the same order whatever the grid, the
+    thread count or the CPU: each contraction adds the lattice terms one after the other with
+    elementwise operations. A BLAS product would block the sums by the matrix sizes, the threads
+    and the CPU's kernel, and its float rounding then moved a phantom voxel across an integer.
     """
     # sum of squared unit Gaussians on a lattice of the same spacing is sqrt(pi) per dimension
-    out = (coefficients / math.pi ** (len(axes) / 4)).astype(np.float32)
+    out = np.asarray(coefficients, np.float64) / math.pi ** (len(axes) / 4)
     for axis_coords, extent in zip(axes, extents, strict=True):
-        basis = gaussian_basis(np.asarray(axis_coords, np.float32), spacing, extent)
+        basis = gaussian_basis(axis_coords, spacing, extent)
         # contract the first lattice axis; the evaluated axis is appended last, so after all axes the
         # order is restored
-        out = np.tensordot(out, basis, axes=([out.ndim - len(axes)], [1]))
+        lattice = np.moveaxis(out, out.ndim - len(axes), -1)
+        out = lattice[..., 0, None] * basis[:, 0]
+        for j in range(1, basis.shape[1]):
+            out += lattice[..., j, None] * basis[:, j]
     return out

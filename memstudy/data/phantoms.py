@@ -17,6 +17,7 @@ can be written in any order or in parallel, and an interrupted run resumes where
 
 from __future__ import annotations
 
+from importlib import metadata
 from pathlib import Path
 
 from memstudy.data.brain_phantom import (
@@ -74,10 +75,12 @@ def phantom_root(
     Path
         ``<cache>/phantoms/<name>-v<version>-seed<seed>-<size>``; the folder name changes with the
         generator version, the seed and the size, so a set is never reused for other parameters.
+        The brain phantom's version also names the nilearn release (``v2-nilearn0.12.1``), whose
+        MNI152 template it resamples.
     """
     if name == "brain-phantom":
         size = f"n{n_subjects}"
-        version = BRAIN_PHANTOM_VERSION
+        version = f"{BRAIN_PHANTOM_VERSION}-nilearn{metadata.version('nilearn')}"
     elif name == "cxr-phantom":
         per_class = check_per_class(n_per_class)
         size = "-".join(f"{split}{n}x{p}" for split, (n, p) in per_class.items())
