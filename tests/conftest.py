@@ -142,6 +142,57 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+# Model sizes small enough for a training step in a few tens of milliseconds on two CPU cores.
+TINY_MODEL_OPTIONS = {
+    "ddpm": {"base_channels": 8, "channel_mult": (1, 2)},
+    "stylegan": {
+        "channel_base": 64,
+        "channel_max": 16,
+        "z_dim": 16,
+        "w_dim": 16,
+        "r1_interval": 2,
+        "pl_weight": 2.0,
+        "pl_interval": 3,
+    },
+}
+
+
+@pytest.fixture
+def tiny_model_options() -> dict[str, dict]:
+    """Config overrides that shrink each model's ``tiny`` config to test size, by model name."""
+    return {model: dict(options) for model, options in TINY_MODEL_OPTIONS.items()}
+
+
+@pytest.fixture
+def training_images():
+    """Six 16×16 two-channel (a, b) images of smooth random blobs, none of them mirror-symmetric."""
+    from memstudy.data import ImageSet
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:16, :16]
+    stack = []
+    for _ in range(6):
+        cy, cx, r = rng.uniform(4, 12, 3)
+        disc = np.clip(1.5 - np.hypot(yy - cy, xx - cx) / r, 0, 1)
+        stack.append(np.stack([disc, disc**2]))
+    return ImageSet(
+        (np.stack(stack) * 255).astype(np.uint8), [f"img{i}" for i in range(6)], range(6), ["a", "b"]
+    )
+
+
+@pytest.fixture
+def train_tiny(one_torch_thread):
+    """``train_tiny(model, imageset, run_dir, steps, **options)``: train a test-sized model on one thread
+    (seed 0, batch 2, no progress bar unless options say otherwise) and return its TrainResult."""
+    from memstudy.models import train
+
+    def run(model, imageset, run_dir, steps, **options):
+        options = {"seed": 0, "batch_size": 2, "progress": False, **TINY_MODEL_OPTIONS[model], **options}
+        return train(model, imageset, "tiny", run_dir, steps=steps, **options)
+
+    return run
+
+
 @pytest.fixture
 def blobs():
     """Four 16×16 one-channel images, one bright disc in a different quadrant each."""

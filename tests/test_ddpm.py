@@ -1,4 +1,4 @@
-"""DDPM: U-Net shapes, the noising and posterior formulas, the samplers, and memorizing one image."""
+"""DDPM: U-Net shapes, the noising formula, and memorizing one image (samplers: test_samplers.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from memstudy.data import ImageSet
 from memstudy.models import read_log, resolve_config, sample, train
-from memstudy.models.ddpm import build_unet, make_ddim_scheduler, make_scheduler
+from memstudy.models.ddpm import build_unet, make_scheduler
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -66,50 +66,6 @@ def test_forward_noising_matches_closed_form():
     expected = ab.sqrt() * x0.double() + (1 - ab).sqrt() * noise.double()
     assert torch.allclose(xt, expected, atol=1e-5)
     assert not torch.allclose(xt, x0.double(), atol=1e-2)  # noising changed the images
-
-
-@pytest.mark.parametrize("t", [1, 37, 999])
-def test_ancestral_step_is_the_closed_form_posterior(t):
-    """With the true noise as the network's output, one reverse step samples q(x_{t-1} | x_t, x_0)."""
-    config = resolve_config("ddpm", "tiny")
-    scheduler = make_scheduler(config)
-    betas, alpha_bar = _closed_form_schedule(config)
-    g = torch.Generator().manual_seed(1)
-    x0 = torch.rand(2, 1, 8, 8, generator=g) * 1.8 - 0.9
-    eps = torch.randn(2, 1, 8, 8, generator=g)
-    xt = scheduler.add_noise(x0, eps, torch.tensor([t, t]))
-
-    prev, _ = scheduler.step(eps, t, xt, generator=torch.Generator().manual_seed(2))
-
-    ab_t, ab_prev = alpha_bar[t], alpha_bar[t - 1]
-    mean = (np.sqrt(ab_prev) * betas[t] / (1 - ab_t)) * x0.double() + (
-        np.sqrt(1 - betas[t]) * (1 - ab_prev) / (1 - ab_t)
-    ) * xt.double()
-    variance = (1 - ab_prev) / (1 - ab_t) * betas[t]  # β̃_t, Ho et al. eq. 7
-    z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(2)).double()
-    # float32 coefficients lose ~1e-4 near t = 0, where 1 − ᾱ_t is ~3e-4; a wrong formula is off by ~1e-2.
-    assert torch.allclose(prev.double(), mean + np.sqrt(variance) * z, atol=2e-4)
-
-
-def test_ddim_step_with_true_noise_lands_on_the_next_noised_image():
-    """DDIM (η = 0) is deterministic: x_t with the true ε maps to √ᾱ_prev x0 + √(1 − ᾱ_prev) ε."""
-    config = resolve_config("ddpm", "tiny")
-    ddim = make_ddim_scheduler(config, 50)
-    _, alpha_bar = _closed_form_schedule(config)
-    timesteps = ddim.timesteps.tolist()
-    assert len(timesteps) == 50 and timesteps[-1] == 0
-    g = torch.Generator().manual_seed(3)
-    x0 = torch.rand(2, 1, 8, 8, generator=g) * 1.8 - 0.9
-    eps = torch.randn(2, 1, 8, 8, generator=g)
-    for t, t_prev in [(timesteps[0], timesteps[1]), (timesteps[-2], timesteps[-1])]:
-        xt = scheduler_noise(alpha_bar, x0, eps, t)
-        prev, _ = ddim.step(eps, t, xt.float())
-        expected = scheduler_noise(alpha_bar, x0, eps, t_prev)
-        assert torch.allclose(prev.double(), expected, atol=1e-4)
-
-
-def scheduler_noise(alpha_bar, x0, eps, t):
-    return np.sqrt(alpha_bar[t]) * x0.double() + np.sqrt(1 - alpha_bar[t]) * eps.double()
 
 
 def test_training_loss_falls_on_four_images(tmp_path, blobs):

@@ -5,13 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from memstudy.models import read_log, resolve_config, sample, train
 from memstudy.models.stylegan import (
     Discriminator,
+    DiscriminatorBlock,
     Generator,
     MinibatchStd,
-    downsample2d,
+    blur2d,
     modulated_conv2d,
     r1_penalty,
     upsample2d,
@@ -80,10 +82,42 @@ def test_modulated_conv_equals_convolving_each_sample_with_its_own_weights():
 
 def test_fir_resampling_keeps_constant_images_constant():
     x = torch.full((1, 2, 8, 8), 0.7)
-    up, down = upsample2d(x), downsample2d(x)
-    assert up.shape == (1, 2, 16, 16) and down.shape == (1, 2, 4, 4)
+    up, blurred = upsample2d(x), blur2d(x, padding=2)
+    assert up.shape == (1, 2, 16, 16) and blurred.shape == (1, 2, 9, 9)
     assert torch.allclose(up[..., 2:-2, 2:-2], x.new_full((1, 2, 12, 12), 0.7), atol=1e-6)
-    assert torch.allclose(down[..., 1:-1, 1:-1], x.new_full((1, 2, 2, 2), 0.7), atol=1e-6)
+    assert torch.allclose(blurred[..., 3:-3, 3:-3], x.new_full((1, 2, 3, 3), 0.7), atol=1e-6)
+
+
+def test_discriminator_block_resamples_as_nvlabs_conv2d_resample():
+    """NVlabs' down-sampling 3×3 layer blurs at full resolution (zero padding 1 + 1 for the filter)
+    and convolves with stride 2; its 1×1 skip blurs (padding 0 + 1), keeps every second pixel and
+    convolves."""
+    g = torch.Generator().manual_seed(0)
+    block = DiscriminatorBlock(3, 5)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    x = torch.randn(2, 3, 16, 16, generator=g)
+
+    f = torch.tensor([1.0, 3.0, 3.0, 1.0])
+    fir = (torch.outer(f, f) / 64).expand(3, 1, 4, 4)
+
+    def lrelu(v):
+        return torch.nn.functional.leaky_relu(v, 0.2) * 2**0.5
+
+    conv0, conv1, skip = block.conv0, block.conv1, block.skip
+    h = lrelu(F.conv2d(F.pad(x, (1, 1, 1, 1)), conv0.weight / (3 * 9) ** 0.5, conv0.bias))
+    h = F.conv2d(F.pad(h, (2, 2, 2, 2)), fir, groups=3)  # 16 + 4 − 3 = 17 px
+    h = lrelu(F.conv2d(h, conv1.weight / (3 * 9) ** 0.5, conv1.bias, stride=2))  # (17 − 3) / 2 + 1 = 8 px
+    s = F.conv2d(F.pad(x, (1, 1, 1, 1)), fir, groups=3)[..., ::2, ::2]  # 15 px → every second: 8 px
+    s = F.conv2d(s, skip.weight / 3**0.5)
+    expected = (h + s) / 2**0.5
+
+    out = block(x)
+    assert out.shape == (2, 5, 8, 8)
+    # float32 sums of ≤ 27 products of O(1) terms: rounding ~1e-6; the old order of operations
+    # (subsample, then 3×3) differs by O(1).
+    assert torch.allclose(out, expected, atol=1e-5, rtol=0)
 
 
 def test_minibatch_std_is_zero_for_identical_images_only():

@@ -1,14 +1,16 @@
-"""Shared training and sampling: [-1, 1] mapping, checkpoints, resume, determinism, errors, CLI."""
+"""Shared training and sampling: [-1, 1] mapping, mirroring, checkpoints, resume, determinism, errors, CLI."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 
+from memstudy.cli import main
 from memstudy.data import ImageSet
 from memstudy.models import (
     list_checkpoints,
@@ -20,39 +22,11 @@ from memstudy.models import (
     to_uint8,
     train,
 )
-from memstudy.models.command import add_bench_train_command, add_model_commands
+from memstudy.models.command import add_bench_train_command
 from memstudy.models.ddpm import DDPMTrainer
-
-# Small enough for a step in a few tens of milliseconds on two CPU cores.
-TINY = {
-    "ddpm": dict(base_channels=8, channel_mult=(1, 2)),
-    "stylegan": dict(
-        channel_base=64, channel_max=16, z_dim=16, w_dim=16, r1_interval=2, pl_weight=2.0, pl_interval=3
-    ),
-}
-
+from memstudy.models.training import derive_seed
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture
-def images() -> ImageSet:
-    """Six 16×16 two-channel images of smooth random blobs."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:16, :16]
-    stack = []
-    for _ in range(6):
-        cy, cx, r = rng.uniform(4, 12, 3)
-        disc = np.clip(1.5 - np.hypot(yy - cy, xx - cx) / r, 0, 1)
-        stack.append(np.stack([disc, disc**2]))
-    return ImageSet(
-        (np.stack(stack) * 255).astype(np.uint8), [f"img{i}" for i in range(6)], range(6), ["a", "b"]
-    )
-
-
-def _train(model, images, run_dir, steps, **options):
-    options = {"seed": 0, "batch_size": 2, "progress": False, **TINY[model], **options}
-    return train(model, images, "tiny", run_dir, steps=steps, **options)
 
 
 def _weights(result) -> dict[str, torch.Tensor]:
@@ -83,10 +57,13 @@ def test_uint8_round_trip_through_model_range_is_exact():
 
 
 @pytest.mark.parametrize("model", ["ddpm", "stylegan"])
-def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path, images, model):
-    straight = _train(model, images, tmp_path / "straight", 6)
-    _train(model, images, tmp_path / "resumed", 3)
-    resumed = _train(model, images, tmp_path / "resumed", 6)
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(
+    tmp_path, training_images, model, train_tiny
+):
+    # With mirroring on, so that the flips of a resumed run are those of the uninterrupted one too.
+    straight = train_tiny(model, training_images, tmp_path / "straight", 6, mirror=True)
+    train_tiny(model, training_images, tmp_path / "resumed", 3, mirror=True)
+    resumed = train_tiny(model, training_images, tmp_path / "resumed", 6, mirror=True)
 
     a, b = _weights(straight), _weights(resumed)
     assert a.keys() == b.keys() and len(a) > 10
@@ -98,8 +75,8 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path, image
     ]
 
 
-def test_killed_training_resumes_from_its_last_checkpoint(tmp_path, images, monkeypatch):
-    straight = _train("ddpm", images, tmp_path / "straight", 6)
+def test_killed_training_resumes_from_its_last_checkpoint(tmp_path, training_images, monkeypatch, train_tiny):
+    straight = train_tiny("ddpm", training_images, tmp_path / "straight", 6)
 
     original = DDPMTrainer.train_step
 
@@ -110,18 +87,18 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path, images, monk
 
     monkeypatch.setattr(DDPMTrainer, "train_step", crash_at_step_5)
     with pytest.raises(KeyboardInterrupt):
-        _train("ddpm", images, tmp_path / "killed", 6, checkpoint_every=2)
+        train_tiny("ddpm", training_images, tmp_path / "killed", 6, checkpoint_every=2)
     assert list(list_checkpoints(tmp_path / "killed")) == [4]
     monkeypatch.setattr(DDPMTrainer, "train_step", original)
 
-    resumed = _train("ddpm", images, tmp_path / "killed", 6, checkpoint_every=2)
+    resumed = train_tiny("ddpm", training_images, tmp_path / "killed", 6, checkpoint_every=2)
     a, b = _weights(straight), _weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in read_log(tmp_path / "killed")] == list(range(1, 7))
 
 
-def test_checkpoints_asked_for_are_kept_and_others_pruned(tmp_path, images):
-    result = _train("ddpm", images, tmp_path, 7, checkpoint_every=3, keep_checkpoints=[2, 5])
+def test_checkpoints_asked_for_are_kept_and_others_pruned(tmp_path, training_images, train_tiny):
+    result = train_tiny("ddpm", training_images, tmp_path, 7, checkpoint_every=3, keep_checkpoints=[2, 5])
     assert list(list_checkpoints(tmp_path)) == [2, 5, 7]
     assert result.checkpoint == list_checkpoints(tmp_path)[7]
     state = torch.load(result.checkpoint, weights_only=True)
@@ -133,8 +110,8 @@ def test_checkpoints_asked_for_are_kept_and_others_pruned(tmp_path, images):
     assert not list(tmp_path.rglob(".*"))  # no temporary files left behind
 
 
-def test_run_records_its_parameters_and_losses(tmp_path, images):
-    _train("stylegan", images, tmp_path, 4, keep_checkpoints=[2])
+def test_run_records_its_parameters_and_losses(tmp_path, training_images, train_tiny):
+    train_tiny("stylegan", training_images, tmp_path, 4, keep_checkpoints=[2])
     params = read_params(tmp_path)
     assert params["model"] == "stylegan" and params["seed"] == 0 and params["steps"] == 4
     assert params["image_shape"] == [2, 16, 16] and params["channels"] == ["a", "b"]
@@ -146,39 +123,53 @@ def test_run_records_its_parameters_and_losses(tmp_path, images):
     assert "loss_r1" in log[0] and "loss_pl" in log[0] and "loss_r1" not in log[1]
 
 
-def test_kimg_sets_the_number_of_steps(tmp_path, images):
-    result = train("ddpm", images, "tiny", tmp_path, kimg=0.006, batch_size=2, progress=False, **TINY["ddpm"])
+def test_kimg_sets_the_number_of_steps(tmp_path, training_images, tiny_model_options):
+    options = tiny_model_options["ddpm"]
+    result = train(
+        "ddpm", training_images, "tiny", tmp_path, kimg=0.006, batch_size=2, progress=False, **options
+    )
     assert result.step == 3
 
 
-@pytest.mark.parametrize("model", ["ddpm", "stylegan"])
-def test_sampling_is_deterministic_for_a_seed(tmp_path, images, model):
-    _train(model, images, tmp_path, 2)
-    options = {"steps": 5} if model == "ddpm" else {}
-    a = sample(tmp_path, 5, seed=1, batch_size=3, **options)
-    b = sample(tmp_path, 5, seed=1, batch_size=3, **options)
-    c = sample(tmp_path, 5, seed=2, batch_size=3, **options)
-    assert a.images.dtype == np.uint8 and a.images.shape == (5, 2, 16, 16)
-    assert a.channels == ("a", "b") and len(set(a.names)) == 5
-    assert np.array_equal(a.images, b.images)
-    assert not np.array_equal(a.images, c.images)
-
-
-def test_sampling_into_a_file_gives_the_same_images(tmp_path, images):
-    _train("stylegan", images, tmp_path, 1)
-    in_memory = sample(tmp_path, 5, seed=0, batch_size=2)
-    on_disk = sample(tmp_path, 5, seed=0, batch_size=2, out=tmp_path / "samples.npy")
-    assert isinstance(on_disk.images, np.memmap)
-    assert np.array_equal(np.load(tmp_path / "samples.npy"), in_memory.images)
-    assert not list(tmp_path.glob(".samples*"))
-
-
-def test_sampling_leaves_the_global_random_state_alone(tmp_path, images):
-    _train("stylegan", images, tmp_path, 1)
+def test_sampling_leaves_the_global_random_state_alone(tmp_path, training_images, train_tiny):
+    train_tiny("stylegan", training_images, tmp_path, 1)
     torch.manual_seed(123)
     before = torch.get_rng_state()
     sample(tmp_path, 2, seed=0)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_mirror_flips_the_images_each_step_draws(tmp_path, training_images, train_tiny, monkeypatch, mirror):
+    batches = []
+
+    def record(self, x, step):
+        batches.append(to_uint8(x))
+        return {"loss": 0.0}
+
+    monkeypatch.setattr(DDPMTrainer, "train_step", record)
+    seed, steps, batch_size = 3, 9, 2
+    train_tiny("ddpm", training_images, tmp_path, steps, seed=seed, batch_size=batch_size, mirror=mirror)
+
+    originals = training_images.images
+    mirrored = originals[..., ::-1]  # left–right: the last (width) axis
+    assert not any(np.array_equal(a, b) for a, b in zip(originals, mirrored, strict=True))
+    assert len(batches) == steps
+    used, flips = [], []
+    for step, batch in enumerate(batches):
+        # The rule a run's reproducibility rests on: image j of the global batch of step s is flipped
+        # when the j-th uniform of torch.rand seeded by derive_seed(seed, 4, s) is below 1/2 (stream 4).
+        generator = torch.Generator().manual_seed(derive_seed(seed, 4, step))
+        expected = (torch.rand(batch_size, generator=generator) < 0.5).numpy() & mirror
+        for image, flip in zip(batch, expected, strict=True):
+            source = mirrored if flip else originals
+            found = [i for i in range(len(originals)) if np.array_equal(image, source[i])]
+            assert len(found) == 1, f"step {step}: not image {'mirrored' if flip else 'as is'}"
+            used.append(found[0])
+        flips.extend(expected)
+    # Mirroring leaves the data order alone: each epoch (3 steps) shows every image once.
+    assert all(sorted(used[e : e + 6]) == list(range(6)) for e in range(0, len(used), 6))
+    assert (0 < sum(flips) < len(flips)) == mirror
 
 
 @pytest.mark.parametrize(
@@ -190,9 +181,11 @@ def test_sampling_leaves_the_global_random_state_alone(tmp_path, images):
         ("ddpm", {"channel_mult": (1, 2, 2, 2, 2, 2)}, "multiple of 32"),
     ],
 )
-def test_bad_setup_fails_before_anything_is_written(tmp_path, images, model, overrides, message):
+def test_bad_setup_fails_before_anything_is_written(
+    tmp_path, training_images, model, overrides, message, train_tiny
+):
     with pytest.raises(ValueError, match=message):
-        _train(model, images, tmp_path / "run", 2, **overrides)
+        train_tiny(model, training_images, tmp_path / "run", 2, **overrides)
     assert not (tmp_path / "run").exists()
 
 
@@ -203,16 +196,16 @@ def test_stylegan_rejects_images_that_are_not_a_power_of_two(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_paper_config_insists_on_its_image_size(tmp_path, images):
+def test_paper_config_insists_on_its_image_size(tmp_path, training_images):
     with pytest.raises(ValueError, match="16×16 but the 'paper' config expects image_size=256"):
-        train("ddpm", images, "paper", tmp_path / "run", steps=1, batch_size=2, progress=False)
+        train("ddpm", training_images, "paper", tmp_path / "run", steps=1, batch_size=2, progress=False)
 
 
-def test_resuming_with_other_settings_is_refused(tmp_path, images):
-    _train("ddpm", images, tmp_path, 1)
-    with pytest.raises(ValueError, match=r"differs in seed, config.lr"):
-        _train("ddpm", images, tmp_path, 2, seed=1, lr=5e-4)
-    _train("ddpm", images, tmp_path, 2, keep_checkpoints=[1])  # bookkeeping may change
+def test_resuming_with_other_settings_is_refused(tmp_path, training_images, train_tiny):
+    train_tiny("ddpm", training_images, tmp_path, 1)
+    with pytest.raises(ValueError, match=r"differs in seed, config.mirror, config.lr"):
+        train_tiny("ddpm", training_images, tmp_path, 2, seed=1, lr=5e-4, mirror=True)
+    train_tiny("ddpm", training_images, tmp_path, 2, keep_checkpoints=[1])  # bookkeeping may change
     assert list(list_checkpoints(tmp_path)) == [1, 2]
 
 
@@ -221,38 +214,136 @@ def test_unknown_config_field_names_the_valid_ones():
         resolve_config("ddpm", "tiny", base_channel=64)
 
 
-def test_train_and_sample_commands(tmp_path, images, capsys):
-    images.save(tmp_path / "data")
-    parser = argparse.ArgumentParser()
-    add_model_commands(parser.add_subparsers())
+def test_train_and_sample_commands(tmp_path, training_images, capsys):
+    training_images.save(tmp_path / "data")
     run_dir = tmp_path / "run"
-    args = parser.parse_args(
+    status = main(
         ["train", str(tmp_path / "data"), "--model", "ddpm", "--steps", "2", "--run-dir", str(run_dir),
          "--seed", "3", "--keep", "1", "--set", "base_channels=8", "--set", "channel_mult=[1, 2]",
          "--set", "batch_size=2", "--no-progress"]
     )  # fmt: skip
-    assert args.func(args) == 0
+    assert status == 0
     assert list(list_checkpoints(run_dir)) == [1, 2]
     assert read_params(run_dir)["seed"] == 3
 
-    args = parser.parse_args(["sample", str(run_dir), "-n", "3", "--steps", "4", "--checkpoint", "1"])
-    assert args.func(args) == 0
-    assert np.load(run_dir / "samples.npy").shape == (3, 2, 16, 16)
-    args = parser.parse_args(
-        ["sample", str(run_dir), "-n", "3", "--steps", "4", "--out", str(tmp_path / "syn")]
-    )
-    assert args.func(args) == 0
-    out = ImageSet.load(tmp_path / "syn")
-    assert out.images.shape == (3, 2, 16, 16) and out.provenance["checkpoint_step"] == 2
-    assert "wrote 3 samples" in capsys.readouterr().out
+    sample_args = ["sample", str(run_dir), "-n", "3", "--steps", "4", "--no-progress"]
+    assert main([*sample_args, "--checkpoint", "1", "--seed", "5"]) == 0
+    first = run_dir / "samples" / "step_00000001-seed5"
+    assert f"to {first}" in capsys.readouterr().out
+    written = ImageSet.load(first)
+    assert written.images.shape == (3, 2, 16, 16) and written.names[0] == "sample_000000"
+    assert written.provenance["checkpoint_step"] == 1 and written.provenance["seed"] == 5
+    assert str(run_dir) in written.provenance["run_dir"]
+
+    # "last" is step 2, a folder of its own; a second draw into an existing folder is refused.
+    assert main(sample_args) == 0
+    assert ImageSet.load(run_dir / "samples" / "step_00000002-seed0").provenance["checkpoint_step"] == 2
+    before = (first / "images.npy").read_bytes()
+    assert main([*sample_args, "--checkpoint", "1", "--seed", "5", "-n", "2"]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert (first / "images.npy").read_bytes() == before
+
+    assert main([*sample_args, "--checkpoint", "1", "--seed", "5", "-n", "2", "--force"]) == 0
+    assert len(ImageSet.load(first)) == 2
+    assert main([*sample_args, "--out", str(tmp_path / "syn")]) == 0
+    assert ImageSet.load(tmp_path / "syn").provenance["checkpoint_step"] == 2
+    assert not list(tmp_path.rglob(".*"))  # no temporary or set-aside folders left behind
 
 
-def test_bench_train_reports_speed_of_both_tiny_models(capsys, monkeypatch):
+def test_a_failed_forced_sample_keeps_the_old_output(tmp_path, training_images, train_tiny, monkeypatch):
+    run_dir = tmp_path / "run"
+    train_tiny("stylegan", training_images, run_dir, 1)
+    out = tmp_path / "syn"
+    assert main(["sample", str(run_dir), "-n", "2", "--out", str(out), "--no-progress"]) == 0
+    before = ImageSet.load(out).images.copy()
+
+    def broken_sample(*args, **kwargs):
+        raise ValueError("sampling failed")
+
+    monkeypatch.setattr("memstudy.models.sampling.sample", broken_sample)
+    assert main(["sample", str(run_dir), "-n", "3", "--out", str(out), "--force", "--no-progress"]) == 2
+    assert np.array_equal(ImageSet.load(out).images, before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "syn"]
+
+
+@pytest.fixture
+def trained_run(tmp_path, training_images, train_tiny) -> tuple:
+    """A saved ImageSet folder and a one-step DDPM run on it."""
+    training_images.save(tmp_path / "data")
+    train_tiny("ddpm", training_images, tmp_path / "run", 1)
+    return tmp_path / "data", tmp_path / "run"
+
+
+@pytest.mark.parametrize(
+    "command, message",
+    [
+        (["train", "{tmp}/nothing", "--steps", "1", "--run-dir", "{tmp}/new"], "nothing does not exist"),
+        (["train", "{tmp}", "--steps", "1", "--run-dir", "{tmp}/new"], "is not a saved ImageSet folder"),
+        (["train", "{data}", "--steps", "1", "--run-dir", "{data}/meta.json"], "is a file, not a folder"),
+        (
+            ["train", "{data}", "--steps", "1", "--run-dir", "{tmp}/new", "--config", "huge"],
+            "unknown ddpm config 'huge'",
+        ),
+        (
+            ["train", "{data}", "--steps", "1", "--run-dir", "{tmp}/new", "--set", "batch_size=abc"],
+            "DDPMConfig.batch_size must be int, got 'abc'",
+        ),
+        (
+            ["train", "{data}", "--steps", "1", "--run-dir", "{tmp}/new", "--set", "lr"],
+            "--set expects KEY=VALUE",
+        ),
+        (
+            [
+                "train",
+                "{data}",
+                "--steps",
+                "1",
+                "--run-dir",
+                "{tmp}/new",
+                "--set",
+                "batch_size=2",
+                "--device",
+                "gpu7",
+            ],
+            "unknown device 'gpu7'",
+        ),
+        (
+            ["train", "{data}", "--steps", "1", "--run-dir", "{tmp}/new", "--set", "batch_size=64"],
+            "fewer than batch_size=64",
+        ),
+        (["train", "{data}", "--steps", "0", "--run-dir", "{tmp}/new"], "expected a positive integer"),
+        (
+            ["train", "{data}", "--steps", "2", "--run-dir", "{run}", "--set", "batch_size=2", "--seed", "4"],
+            "differs in seed",
+        ),
+        (["sample", "{tmp}", "-n", "2"], "not a training run"),
+        (["sample", "{run}", "-n", "2", "--checkpoint", "7"], r"no checkpoint at step 7; kept steps: \[1\]"),
+        (["sample", "{run}", "-n", "2", "--checkpoint", "best"], "expected 'last' or a step number"),
+        (["sample", "{run}", "-n", "0"], "expected a positive integer"),
+        (["sample", "{run}", "-n", "2", "--out", "{data}/meta.json", "--force"], "is a file"),
+        (["bench", "train", "--configs", "huge"], "unknown config 'huge'"),
+        (["bench", "train", "--steps", "-1"], "expected a positive integer"),
+    ],
+)
+def test_user_errors_print_one_line_and_exit_2(trained_run, tmp_path, capsys, command, message):
+    data, run = trained_run
+    argv = [part.format(tmp=tmp_path, data=data, run=run) for part in command]
+    try:
+        status = main(argv)
+    except SystemExit as exit_:  # argparse exits for a bad option value
+        status = exit_.code
+    assert status == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_bench_train_reports_speed_of_both_tiny_models(capsys, monkeypatch, tiny_model_options):
     # The tiny configs at demo size take seconds; shrink them so the command itself is what is tested.
     original = resolve_config
     monkeypatch.setattr(
         "memstudy.models.bench.resolve_config",
-        lambda model, name: original(model, name, batch_size=4, **TINY[model]),
+        lambda model, name: original(model, name, batch_size=4, **tiny_model_options[model]),
     )
     monkeypatch.setattr("memstudy.models.bench.BENCH_SHAPES", {"tiny": (1, 16, 16)})
     parser = argparse.ArgumentParser()
@@ -264,3 +355,11 @@ def test_bench_train_reports_speed_of_both_tiny_models(capsys, monkeypatch):
     for r in results:
         assert r["seconds_per_step"] > 0
         assert r["images_per_s"] == pytest.approx(r["batch_size"] / r["seconds_per_step"])
+
+
+def test_mirror_is_on_only_where_the_authors_flipped():
+    # NVlabs' --mirror=1 in the authors' StyleGAN runs; no augmentation in their DDPM runs or in tiny.
+    assert resolve_config("stylegan", "paper").mirror
+    assert not resolve_config("stylegan", "tiny").mirror
+    assert not resolve_config("ddpm", "paper").mirror
+    assert not resolve_config("ddpm", "tiny").mirror

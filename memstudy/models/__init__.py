@@ -17,17 +17,9 @@ _EXPORTS = {
         "TrainingConfig",
         "resolve_config",
     ),
+    "memstudy.models.runs": ("find_checkpoint", "list_checkpoints", "read_log", "read_params"),
     "memstudy.models.sampling": ("load_sampling_network", "sample"),
-    "memstudy.models.training": (
-        "TrainResult",
-        "find_checkpoint",
-        "list_checkpoints",
-        "read_log",
-        "read_params",
-        "to_model_range",
-        "to_uint8",
-        "train",
-    ),
+    "memstudy.models.training": ("TrainResult", "to_model_range", "to_uint8", "train"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -50,6 +50,9 @@ def bench_train(
     dev = resolve_device(device)
     if configs is None:
         configs = ("tiny", "paper") if dev.type == "cuda" else ("tiny",)
+    unknown = [name for name in configs if name not in BENCH_SHAPES]
+    if unknown:
+        raise ValueError(f"unknown config {unknown[0]!r} to benchmark; expected one of {tuple(BENCH_SHAPES)}")
     results = []
     for config_name in configs:
         shape = BENCH_SHAPES[config_name]

@@ -8,14 +8,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import types
 import typing
 from dataclasses import dataclass
 from typing import Any
 
+# Field metadata of settings that change bookkeeping, not the weights (a resumed run may change them).
+_BOOKKEEPING = {"bookkeeping": True}
+
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """Fields every model shares: batch, bookkeeping and precision.
+    """Fields every model shares: batch, augmentation, bookkeeping and precision.
+
+    Fields marked ``metadata={"bookkeeping": True}`` change what a run records, not its weights: a
+    resumed run may change them (:func:`memstudy.models.runs.bookkeeping_fields`).
 
     Attributes
     ----------
@@ -27,6 +35,9 @@ class TrainingConfig:
         Expected number of image channels; None takes the data's.
     batch_size : int
         Global batch over all processes; each of ``world_size`` processes gets an equal share.
+    mirror : bool
+        Flip each training image horizontally (last axis) with probability 1/2 at every step, as
+        NVlabs' ``--mirror=1``; the flips are drawn from (seed, step) over the global batch.
     checkpoint_every : int
         Write a resumable checkpoint every this many steps (and always at the end).
     keep_checkpoints : tuple of int
@@ -38,16 +49,18 @@ class TrainingConfig:
         bf16 autocast on CUDA; ignored on CPU, where training is float32 and deterministic.
     """
 
-    name: str = "custom"
+    name: str = dataclasses.field(default="custom", metadata=_BOOKKEEPING)
     image_size: int | None = None
     image_channels: int | None = None
     batch_size: int = 32
-    checkpoint_every: int = 1000
-    keep_checkpoints: tuple[int, ...] = ()
-    log_every: int = 1
-    amp: bool = True
+    mirror: bool = False
+    checkpoint_every: int = dataclasses.field(default=1000, metadata=_BOOKKEEPING)
+    keep_checkpoints: tuple[int, ...] = dataclasses.field(default=(), metadata=_BOOKKEEPING)
+    log_every: int = dataclasses.field(default=1, metadata=_BOOKKEEPING)
+    amp: bool = dataclasses.field(default=True, metadata=_BOOKKEEPING)
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         for field in ("batch_size", "checkpoint_every", "log_every"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{type(self).__name__}.{field} must be >= 1, got {getattr(self, field)}")
@@ -85,8 +98,14 @@ class DDPMConfig(TrainingConfig):
         Gradient-norm clip; None for none.
     ema_decay : float
         Per-step EMA decay of the weights used for sampling.
+    sampler : str
+        Default sampler: ``"ancestral"`` (the DDPM posterior chain, the paper's) or ``"ddim"``.
     sample_steps : int or None
-        Default sampler: None or ``num_train_timesteps`` for full ancestral DDPM, fewer for DDIM (η = 0).
+        Default number of sampling steps: None (or ``num_train_timesteps``) for every step, fewer for a
+        respaced chain (evenly spaced steps, βs recomputed from ᾱ, as guided-diffusion's
+        ``timestep_respacing``).
+    ddim_eta : float
+        Default DDIM η in [0, 1]: 0 is deterministic, 1 has the ancestral chain's variance.
     """
 
     base_channels: int = 32
@@ -102,7 +121,9 @@ class DDPMConfig(TrainingConfig):
     lr: float = 1e-3
     grad_clip: float | None = 1.0
     ema_decay: float = 0.995
-    sample_steps: int | None = 50
+    sampler: str = dataclasses.field(default="ancestral", metadata=_BOOKKEEPING)
+    sample_steps: int | None = dataclasses.field(default=None, metadata=_BOOKKEEPING)
+    ddim_eta: float = dataclasses.field(default=0.0, metadata=_BOOKKEEPING)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -119,10 +140,14 @@ class DDPMConfig(TrainingConfig):
             raise ValueError(
                 f"variance_type must be 'fixed_small' or 'fixed_large', got {self.variance_type!r}"
             )
+        if self.sampler not in ("ancestral", "ddim"):
+            raise ValueError(f"sampler must be 'ancestral' or 'ddim', got {self.sampler!r}")
         if self.sample_steps is not None and not 1 <= self.sample_steps <= self.num_train_timesteps:
             raise ValueError(
                 f"sample_steps must be in 1..{self.num_train_timesteps} or None, got {self.sample_steps}"
             )
+        if not 0.0 <= self.ddim_eta <= 1.0:
+            raise ValueError(f"ddim_eta must be in [0, 1], got {self.ddim_eta}")
 
     @property
     def level_channels(self) -> tuple[int, ...]:
@@ -206,6 +231,53 @@ class StyleGANConfig(TrainingConfig):
         return min(self.channel_base // resolution, self.channel_max)
 
 
+def check_field_types(config: TrainingConfig) -> None:
+    """Raise ValueError naming the first field whose value does not have the field's type.
+
+    A value from the command line (``--set batch_size=abc``) would otherwise fail later, far from
+    where it was given. Integers pass for float fields; booleans pass only for bool fields.
+    """
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if not _has_type(value, hints[field.name]):
+            raise ValueError(
+                f"{type(config).__name__}.{field.name} must be {_type_name(hints[field.name])}, got {value!r}"
+            )
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, arg) for arg in args)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_has_type(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_has_type(v, a) for v, a in zip(value, args, strict=True))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        return f"a list of {len(args)} {_type_name(args[0])}"
+    return "None" if hint is type(None) else hint.__name__
+
+
 def check_power_of_two(size: int, what: str) -> None:
     """Raise ValueError unless ``size`` is a power of two and at least 4."""
     if size < 4 or 2 ** round(math.log2(size)) != size:
@@ -214,14 +286,16 @@ def check_power_of_two(size: int, what: str) -> None:
 
 CONFIGS: dict[str, dict[str, TrainingConfig]] = {
     "ddpm": {
-        # NOTES §4: ~1 M parameters at 32×32, memorizes small sets within a few thousand steps on CPU.
-        "tiny": DDPMConfig(name="tiny", checkpoint_every=500),
+        # ~1 M parameters at 32×32: memorizes small sets within a few thousand steps on a 2-core CPU.
+        "tiny": DDPMConfig(name="tiny", mirror=False, checkpoint_every=500),
         # The authors' guided-diffusion settings: 256 px, 64 channels, 3 res blocks, attention at 16
         # and 8, 4000 linear steps (guided-diffusion scales the 1000-step β range by 1000/T), lr 1e-4,
-        # batch 32, EMA 0.9999, full ancestral sampling.
+        # batch 32, EMA 0.9999, full ancestral sampling. No flips: the authors' data preparation sets
+        # useAugmentation = false (guided-diffusion's own loader would flip by default).
         "paper": DDPMConfig(
             name="paper",
             image_size=256,
+            mirror=False,
             base_channels=64,
             channel_mult=(1, 1, 2, 2, 4, 4),
             num_res_blocks=3,
@@ -240,7 +314,7 @@ CONFIGS: dict[str, dict[str, TrainingConfig]] = {
         ),
     },
     "stylegan": {
-        # NOTES §4: 64/64/32/16 channels at 4..32 px, ~100 ms/step at batch 32 on 2 CPU cores.
+        # 64/64/32/16 channels at 4..32 px: ~0.12 s/step at batch 32 on 2 CPU cores (`memstudy bench train`).
         "tiny": StyleGANConfig(
             name="tiny",
             z_dim=64,
@@ -251,11 +325,14 @@ CONFIGS: dict[str, dict[str, TrainingConfig]] = {
             gamma=0.1,
             pl_weight=0.0,
             ema_kimg=1.0,
+            mirror=False,
             checkpoint_every=500,
         ),
-        # NVlabs' "stylegan2" configuration at 256 px with the paper's γ = 8 and batch 32; the length of
-        # training (25,000 kimg in the paper) is train()'s ``kimg``.
-        "paper": StyleGANConfig(name="paper", image_size=256, gamma=8.0, checkpoint_every=5000, log_every=10),
+        # NVlabs' "stylegan2" configuration at 256 px with the paper's γ = 8, batch 32 and --mirror=1; the
+        # length of training (25,000 kimg in the paper) is train()'s ``kimg``.
+        "paper": StyleGANConfig(
+            name="paper", image_size=256, gamma=8.0, mirror=True, checkpoint_every=5000, log_every=10
+        ),
     },
 }
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as tdist
@@ -33,10 +34,18 @@ class DistInfo:
 
 
 def resolve_device(device: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
-    """Return the torch device for ``"auto"`` (CUDA if present, else CPU), ``"cpu"`` or ``"cuda[:i]"``."""
+    """Return the torch device for ``"auto"`` (CUDA if present, else CPU), ``"cpu"`` or ``"cuda[:i]"``.
+
+    Raises ValueError for a name torch does not know, or CUDA where there is none.
+    """
     if str(device) == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but torch finds no CUDA device here")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
     return device
@@ -106,9 +115,28 @@ def average_gradients(params: list[nn.Parameter], dist: DistInfo) -> None:
 
 
 def all_reduce_mean(value: torch.Tensor, dist: DistInfo) -> torch.Tensor:
-    """Return the mean of ``value`` over all ranks (the value itself in a single process)."""
+    """Return the mean of ``value`` over all ranks (the value itself in a single process).
+
+    Differentiable: the gradient of a loss that uses the mean reaches every rank's ``value``, so K
+    processes compute the gradient that one process computes on the whole batch (StyleGAN's running
+    path length enters the penalty this way).
+    """
     if not dist.distributed:
         return value
-    value = value.detach().clone()
-    tdist.all_reduce(value)
-    return value / dist.world_size
+    return _AllReduceSum.apply(value) / dist.world_size
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward sums the incoming gradients over ranks (every rank calls both)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.detach().clone()
+        tdist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.clone()
+        tdist.all_reduce(total)
+        return total

@@ -51,10 +51,10 @@ def upsample2d(x: torch.Tensor) -> torch.Tensor:
     return F.conv_transpose2d(x, _fir_kernel(c, x.device, x.dtype) * 4, stride=2, padding=1, groups=c)
 
 
-def downsample2d(x: torch.Tensor) -> torch.Tensor:
-    """Halve the resolution: the [1, 3, 3, 1] low-pass, then every second pixel."""
+def blur2d(x: torch.Tensor, padding: int) -> torch.Tensor:
+    """The [1, 3, 3, 1] low-pass (DC gain 1) at full resolution, after zero-padding every side."""
     c = x.shape[1]
-    return F.conv2d(x, _fir_kernel(c, x.device, x.dtype), stride=2, padding=1, groups=c)
+    return F.conv2d(x, _fir_kernel(c, x.device, x.dtype), padding=padding, groups=c)
 
 
 class EqualLinear(nn.Module):
@@ -81,7 +81,13 @@ class EqualLinear(nn.Module):
 
 
 class EqualConv2d(nn.Module):
-    """Convolution with equalized learning rate; optional FIR down-sampling first and leaky ReLU after."""
+    """Convolution with equalized learning rate, optionally down-sampling ×2, optional leaky ReLU after.
+
+    Down-sampling follows NVlabs' ``conv2d_resample``: blur at full resolution, zero-padded by
+    ``k // 2 + 1`` (the layer's padding plus the filter's), then the k×k convolution with stride 2.
+    For the 3×3 layers this differs from blurring, subsampling and convolving at half resolution; for
+    1×1 it is the same (NVlabs' fast path).
+    """
 
     def __init__(
         self,
@@ -100,9 +106,11 @@ class EqualConv2d(nn.Module):
         self.activation, self.down = activation, down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = self.weight.shape[-1] // 2
         if self.down:
-            x = downsample2d(x)
-        x = F.conv2d(x, self.weight * self.weight_gain, self.bias, padding=self.weight.shape[-1] // 2)
+            x = F.conv2d(blur2d(x, pad + 1), self.weight * self.weight_gain, self.bias, stride=2)
+        else:
+            x = F.conv2d(x, self.weight * self.weight_gain, self.bias, padding=pad)
         return _lrelu(x) if self.activation else x
 
 
@@ -172,11 +180,16 @@ class StyledConv(nn.Module):
         self.register_buffer("noise_const", torch.randn(resolution, resolution))
         self.up = up
 
-    def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "random") -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "random", noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``noise`` (N, 1, H, W), when given, replaces the random draw of ``noise_mode="random"``."""
         if self.up:
             x = upsample2d(x)
         x = modulated_conv2d(x, self.weight, self.affine(w))
-        if noise_mode == "random":
+        if noise is not None:
+            x = x + noise.to(x.dtype) * self.noise_strength
+        elif noise_mode == "random":
             x = (
                 x
                 + torch.randn(x.shape[0], 1, *x.shape[2:], device=x.device, dtype=x.dtype)
@@ -234,15 +247,26 @@ class Generator(nn.Module):
         # As NVlabs: each toRGB shares its w with the next block's first conv, so 2·log2(R) − 2 ws.
         self.num_ws = 2 * int(math.log2(resolution)) - 2
 
-    def synthesis(self, ws: torch.Tensor, noise_mode: str = "random") -> torch.Tensor:
-        """Map ``ws`` (N, num_ws, w_dim) to images (N, C, R, R)."""
+    def noise_shapes(self) -> list[tuple[int, int, int]]:
+        """Shape ``(1, H, W)`` of one image's noise input for each styled convolution, in order."""
+        return [(1, *conv.noise_const.shape) for conv in self.convs]
+
+    def synthesis(
+        self, ws: torch.Tensor, noise_mode: str = "random", noises: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Map ``ws`` (N, num_ws, w_dim) to images (N, C, R, R).
+
+        ``noises``, one (N, 1, H, W) tensor per styled convolution (see :meth:`noise_shapes`), replaces
+        the noise inputs that ``noise_mode`` would give.
+        """
+        noises = noises if noises is not None else [None] * len(self.convs)
         x = self.const[None].expand(ws.shape[0], -1, -1, -1)
-        x = self.convs[0](x, ws[:, 0], noise_mode)
+        x = self.convs[0](x, ws[:, 0], noise_mode, noises[0])
         img = self.to_rgbs[0](x, ws[:, 1])
         for block, to_rgb in enumerate(self.to_rgbs[1:]):
             i = 2 * block + 1  # index of this block's first w
-            x = self.convs[i](x, ws[:, i], noise_mode)
-            x = self.convs[i + 1](x, ws[:, i + 1], noise_mode)
+            x = self.convs[i](x, ws[:, i], noise_mode, noises[i])
+            x = self.convs[i + 1](x, ws[:, i + 1], noise_mode, noises[i + 1])
             img = upsample2d(img) + to_rgb(x, ws[:, i + 2])
         return img
 
@@ -483,9 +507,23 @@ class StyleGANTrainer:
 
 @torch.no_grad()
 def generate(
-    G: Generator, n: int, *, truncation_psi: float, device: torch.device, amp: bool = False
+    G: Generator,
+    generators: list[torch.Generator],
+    *,
+    truncation_psi: float,
+    device: torch.device,
+    amp: bool = False,
 ) -> torch.Tensor:
-    """Draw ``n`` images (float32 in [-1, 1], ``(n, C, R, R)``) from the global RNG, with random noise."""
+    """Draw one image per generator: float32 in [-1, 1], ``(len(generators), C, R, R)``.
+
+    Image i's latent z and then its noise inputs (layer by layer) come from the CPU generator
+    ``generators[i]`` only, so an image does not depend on the batch it is drawn in or the device.
+    """
+    shapes = G.noise_shapes()
+    draws = [
+        [torch.randn(shape, generator=g) for shape in [(G.z_dim,), *shapes]] for g in generators
+    ]  # per image: z, then one noise map per styled convolution
+    z, *noises = (torch.stack(per_layer).to(device) for per_layer in zip(*draws, strict=True))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        img = G(torch.randn((n, G.z_dim), device=device), truncation_psi=truncation_psi)
+        img = G.synthesis(G.map(z, truncation_psi=truncation_psi), noises=noises)
     return img.float().clamp(-1, 1)

@@ -1,22 +1,14 @@
-"""Train a model on an ImageSet with resumable checkpoints, and sample from any kept checkpoint.
+"""Train a model on an ImageSet with resumable checkpoints: the training loop.
 
-A run directory holds everything one training run writes::
-
-    run_dir/
-      params.json                    model, config, seed, image shape, channels, dataset fingerprint
-      log.json                       losses per step (averaged over ``log_every``), images/s
-      checkpoints/step_00001000.pt   weights, EMA, optimizer state (torch.save, written atomically)
-
-Randomness is counter-based: the data order of epoch e and the noise of step s come from seeds derived
-from (seed, e) and (seed, rank, s). A checkpoint therefore needs no RNG state, and a resumed run on CPU
-repeats an uninterrupted one bit for bit.
+The run directory, its parameters and checkpoints are :mod:`memstudy.models.runs`' business.
+Randomness is counter-based: the data order of epoch e, the mirror flips of step s and the noise of
+step s come from seeds derived from (seed, e), (seed, s) and (seed, rank, s). A checkpoint therefore
+needs no RNG state, and a resumed run on CPU repeats an uninterrupted one bit for bit.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import math
 import os
@@ -30,28 +22,26 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from memstudy.atomic import atomic_path, write_json
 from memstudy.data.imageset import ImageSet
 from memstudy.models import ddpm, stylegan
 from memstudy.models.configs import TrainingConfig, config_to_dict, resolve_config
-from memstudy.models.distributed import (
-    DistInfo,
-    barrier,
-    init_distributed,
-    shutdown_distributed,
+from memstudy.models.distributed import DistInfo, init_distributed, shutdown_distributed
+from memstudy.models.runs import (
+    CHECKPOINT_FORMAT,
+    checkpoint_path,
+    find_checkpoint,
+    load_newest_checkpoint,
+    read_log,
+    save_checkpoint,
+    start_run,
 )
 
 logger = logging.getLogger(__name__)
 
-PARAMS_FILE = "params.json"
-LOG_FILE = "log.json"
-CHECKPOINT_DIR = "checkpoints"
-CHECKPOINT_FORMAT = 1
 _TRAINERS = {"ddpm": ddpm.DDPMTrainer, "stylegan": stylegan.StyleGANTrainer}
-# Config fields that change bookkeeping, not the weights: a resumed run may change them.
-_BOOKKEEPING = {"name", "checkpoint_every", "keep_checkpoints", "log_every", "amp"}
-# Independent random streams derived from the run's seed.
-_STREAM_INIT, _STREAM_DATA, _STREAM_STEP, _STREAM_SAMPLE = range(4)
+# Independent random streams derived from the run's seed (new streams go at the end: the numbers of the
+# existing ones are part of every run's reproducibility).
+_STREAM_INIT, _STREAM_DATA, _STREAM_STEP, _STREAM_SAMPLE, _STREAM_MIRROR = range(5)
 
 
 @dataclass
@@ -123,6 +113,29 @@ def batch_indices(n_images: int, batch_size: int, seed: int, step: int) -> np.nd
     return perm[k * batch_size : (k + 1) * batch_size]
 
 
+def mirror_flags(batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Which images of the global batch of ``step`` are flipped when ``mirror`` is on (bool, each 1/2).
+
+    Drawn for the whole global batch from (seed, step), so every process slices the same flags and a
+    resumed run draws what an uninterrupted one did.
+    """
+    generator = torch.Generator().manual_seed(derive_seed(seed, _STREAM_MIRROR, step))
+    return (torch.rand(batch_size, generator=generator) < 0.5).numpy()
+
+
+def training_batch(
+    imageset: ImageSet, cfg: TrainingConfig, seed: int, step: int, dist: DistInfo
+) -> np.ndarray:
+    """This process's share of the global batch of ``step``: uint8 images, mirrored where drawn."""
+    local = cfg.batch_size // dist.world_size
+    part = slice(dist.rank * local, (dist.rank + 1) * local)
+    batch = np.asarray(imageset.images[batch_indices(len(imageset), cfg.batch_size, seed, step)[part]])
+    if cfg.mirror:
+        flip = mirror_flags(cfg.batch_size, seed, step)[part]
+        batch[flip] = batch[flip][..., ::-1]
+    return batch
+
+
 def check_training_setup(
     model_name: str, config: TrainingConfig, imageset: ImageSet, world_size: int = 1
 ) -> None:
@@ -154,51 +167,6 @@ def check_training_setup(
         )
     if config.batch_size % world_size:
         raise ValueError(f"batch_size={config.batch_size} must be a multiple of the {world_size} processes")
-
-
-def dataset_fingerprint(imageset: ImageSet) -> str:
-    """A short hash of the ImageSet's layout, names, groups and up to 64 of its images."""
-    h = hashlib.sha256()
-    h.update(
-        json.dumps([list(imageset.images.shape), list(imageset.channels), list(imageset.names)]).encode()
-    )
-    h.update(imageset.groups.tobytes())
-    h.update(np.ascontiguousarray(imageset.images[:: max(1, len(imageset) // 64)]).tobytes())
-    return h.hexdigest()[:16]
-
-
-def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
-    """Path of the checkpoint written after ``step`` steps."""
-    return Path(run_dir) / CHECKPOINT_DIR / f"step_{step:08d}.pt"
-
-
-def list_checkpoints(run_dir: str | os.PathLike) -> dict[int, Path]:
-    """The run's checkpoints by step, in increasing order."""
-    found = {}
-    for path in (Path(run_dir) / CHECKPOINT_DIR).glob("step_*.pt"):
-        with contextlib.suppress(ValueError):
-            found[int(path.stem.removeprefix("step_"))] = path
-    return dict(sorted(found.items()))
-
-
-def find_checkpoint(run_dir: str | os.PathLike, checkpoint: str | int = "last") -> Path:
-    """Return the checkpoint ``"last"`` or at step ``checkpoint``; FileNotFoundError names what exists."""
-    found = list_checkpoints(run_dir)
-    if not found:
-        raise FileNotFoundError(f"{run_dir}: no checkpoints in {CHECKPOINT_DIR}/")
-    if checkpoint == "last":
-        return found[max(found)]
-    if int(checkpoint) not in found:
-        raise FileNotFoundError(f"{run_dir}: no checkpoint at step {checkpoint}; kept steps: {list(found)}")
-    return found[int(checkpoint)]
-
-
-def read_params(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """The run's ``params.json``."""
-    path = Path(run_dir) / PARAMS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir}: not a training run (no {PARAMS_FILE})")
-    return json.loads(path.read_text())
 
 
 def train(
@@ -244,7 +212,9 @@ def train(
     Notes
     -----
     A checkpoint is written every ``checkpoint_every`` steps, at each step in ``keep_checkpoints``
-    and at the end; older checkpoints not in ``keep_checkpoints`` are deleted once a newer one exists.
+    and at the end; older checkpoints not in ``keep_checkpoints`` are deleted once a newer one has been
+    read back. A run resumes from its newest checkpoint that loads (see
+    :func:`~memstudy.models.runs.load_newest_checkpoint`).
     """
     if model_name not in _TRAINERS:
         raise ValueError(f"unknown model {model_name!r}; expected one of {tuple(_TRAINERS)}")
@@ -263,63 +233,12 @@ def train(
     run_dir = Path(run_dir)
     dist = init_distributed(device)
     try:
-        _start_run(model_name, cfg, imageset, run_dir, seed=seed, steps=total, dist=dist)
+        start_run(model_name, cfg, imageset, run_dir, seed=seed, steps=total, dist=dist)
         devices = [dist.device.index] if dist.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), flush_denormals():
             return _train_loop(model_name, cfg, imageset, run_dir, total, seed, dist, progress)
     finally:
         shutdown_distributed(dist)
-
-
-def _start_run(
-    model_name: str,
-    cfg: TrainingConfig,
-    imageset: ImageSet,
-    run_dir: Path,
-    *,
-    seed: int,
-    steps: int,
-    dist: DistInfo,
-) -> dict[str, Any]:
-    """Write ``params.json``, or check that an existing run is the same training; return the params."""
-    params = {
-        "model": model_name,
-        "config": config_to_dict(cfg),
-        "seed": seed,
-        "steps": steps,
-        "image_shape": list(imageset.image_shape),
-        "channels": list(imageset.channels),
-        "n_images": len(imageset),
-        "dataset": {"fingerprint": dataset_fingerprint(imageset), "provenance": imageset.provenance},
-        "world_size": dist.world_size,
-        "torch": torch.__version__,
-    }
-    if (run_dir / PARAMS_FILE).is_file():
-        old = read_params(run_dir)
-        same = ["model", "seed", "image_shape", "channels", "n_images"]
-        diffs = [k for k in same if old.get(k) != params[k]]
-        if old["dataset"]["fingerprint"] != params["dataset"]["fingerprint"]:
-            diffs.append("dataset")
-        diffs += [
-            f"config.{k}"
-            for k, v in params["config"].items()
-            if k not in _BOOKKEEPING and old["config"].get(k) != v
-        ]
-        if diffs:
-            raise ValueError(
-                f"{run_dir} holds a different training run (differs in {', '.join(diffs)}); "
-                f"use a new run_dir or the same settings to resume"
-            )
-        if old["world_size"] != dist.world_size:
-            logger.warning(
-                "resuming %s with %d processes (was %d): noise streams differ from an uninterrupted run",
-                run_dir,
-                dist.world_size,
-                old["world_size"],
-            )
-    if dist.is_main:
-        write_json(run_dir / PARAMS_FILE, params)
-    return params
 
 
 def _train_loop(
@@ -335,9 +254,9 @@ def _train_loop(
     torch.manual_seed(derive_seed(seed, _STREAM_INIT))  # identical initial weights on every rank
     trainer = _TRAINERS[model_name](cfg, imageset.image_shape, dist.device, dist)
     start, records = 0, []
-    if list_checkpoints(run_dir):
-        path = find_checkpoint(run_dir)
-        state = torch.load(path, map_location=dist.device, weights_only=True)
+    resumed = load_newest_checkpoint(run_dir, dist.device, dist)
+    if resumed is not None:
+        path, state = resumed
         trainer.load_state_dict(state["state"])
         start = int(state["step"])
         records = [r for r in read_log(run_dir) if r["step"] <= start]
@@ -359,7 +278,6 @@ def _train_loop(
     if start >= total:
         return TrainResult(run_dir, start, find_checkpoint(run_dir), trainer)
 
-    local = cfg.batch_size // dist.world_size
     keep = set(cfg.keep_checkpoints)
     pending: dict[str, list[float]] = {}
     n_pending = 0
@@ -372,10 +290,7 @@ def _train_loop(
     )
     t_record = time.perf_counter()
     for step in range(start, total):
-        idx = batch_indices(len(imageset), cfg.batch_size, seed, step)[
-            dist.rank * local : (dist.rank + 1) * local
-        ]
-        x = to_model_range(imageset.images[idx]).to(dist.device, non_blocking=True)
+        x = to_model_range(training_batch(imageset, cfg, seed, step, dist)).to(dist.device, non_blocking=True)
         torch.manual_seed(derive_seed(seed, _STREAM_STEP, dist.rank, step))
         t0 = time.perf_counter()
         losses = trainer.train_step(x, step)
@@ -399,47 +314,14 @@ def _train_loop(
             )
             pending, n_pending, t_record = {}, 0, now
         if checkpointing:
-            _save_checkpoint(run_dir, done, model_name, cfg, trainer, records, keep, dist)
+            state = {
+                "format": CHECKPOINT_FORMAT,
+                "model": model_name,
+                "step": done,
+                "world_size": dist.world_size,
+                "config": config_to_dict(cfg),
+                "state": trainer.state_dict(),
+            }
+            save_checkpoint(run_dir, done, state, records, keep, dist)
     bar.close()
     return TrainResult(run_dir, total, checkpoint_path(run_dir, total), trainer)
-
-
-def _save_checkpoint(
-    run_dir: Path,
-    step: int,
-    model_name: str,
-    cfg: TrainingConfig,
-    trainer: Any,
-    records: list[dict],
-    keep: set[int],
-    dist: DistInfo,
-) -> None:
-    """Rank 0 writes the log and the checkpoint atomically, then prunes; every rank waits for it.
-
-    The log goes first: a run killed in between resumes from the previous checkpoint and drops the log's
-    later records.
-    """
-    if dist.is_main:
-        path = checkpoint_path(run_dir, step)
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "model": model_name,
-            "step": step,
-            "world_size": dist.world_size,
-            "config": config_to_dict(cfg),
-            "state": trainer.state_dict(),
-        }
-        write_json(run_dir / LOG_FILE, {"model": model_name, "records": records})
-        with atomic_path(path) as tmp:
-            torch.save(state, tmp)
-        for old_step, old_path in list_checkpoints(run_dir).items():
-            if old_step < step and old_step not in keep:
-                old_path.unlink(missing_ok=True)
-        logger.debug("checkpoint %s", path)
-    barrier(dist)
-
-
-def read_log(run_dir: str | os.PathLike) -> list[dict[str, float]]:
-    """The run's log: ``step`` (steps done), mean losses since the last record and ``images_per_s``."""
-    path = Path(run_dir) / LOG_FILE
-    return json.loads(path.read_text())["records"] if path.is_file() else []
