@@ -2,31 +2,30 @@
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 
 from memstudy.correlate import topk_pearson
+from memstudy.correlate.backend_numpy import standardize
+from memstudy.correlate.exclude import slice_positions as names_to_slice_positions
 from memstudy.data import ImageSet
-
-SLICE_NAME = re.compile(r"/z(\d+)$")
 
 
 def slice_positions(imageset: ImageSet) -> np.ndarray | None:
-    """Axial position of every image from names like ``subject/z078``; None if images are not slices."""
-    matches = [SLICE_NAME.search(name) for name in imageset.names]
-    if not all(matches):
-        return None
-    return np.array([int(m.group(1)) for m in matches], dtype=np.int64)
+    """Axial position of every image from names like ``subject/z078``; None if images are not slices.
+
+    The rule is the correlation engine's (:func:`memstudy.correlate.exclude.slice_positions`).
+    """
+    return names_to_slice_positions(imageset.names)
 
 
 def standardized(images: np.ndarray) -> np.ndarray:
-    """Flatten images and scale each to zero mean and unit norm (float32), so that r = a @ b.T."""
-    flat = np.asarray(images, dtype=np.float64).reshape(len(images), -1)
-    flat -= flat.mean(axis=1, keepdims=True)
-    norms = np.linalg.norm(flat, axis=1, keepdims=True)
-    norms[norms == 0] = np.nan  # a constant image has no defined correlation
-    return (flat / norms).astype(np.float32)
+    """Flatten images and scale each to zero mean and unit norm (float32), so that r = a @ b.T.
+
+    The correlation engine's standardization; a constant image (no defined r) becomes NaN.
+    """
+    unit, undefined = standardize(np.asarray(images).reshape(len(images), -1))
+    unit[undefined] = np.nan
+    return unit
 
 
 def dataset_summary(imageset: ImageSet) -> dict:
@@ -71,7 +70,8 @@ def nearest_other_subject(
     """For each image, the highest Pearson r with any image of another subject.
 
     At most ``max_images`` images (a fixed random subset) are compared, to keep this quick.
-    This is the level two *different* people's images reach; copies sit far above it.
+    This is the level two *different* people's images reach; copies sit far above it. An image
+    with no other-subject match (a one-subject set, or a constant image) gets NaN.
     """
     rng = np.random.default_rng(seed)
     chosen = imageset.subset(np.sort(rng.permutation(len(imageset))[:max_images]))
@@ -79,22 +79,35 @@ def nearest_other_subject(
     return matches.values[:, 0]
 
 
+def nan_median(values: np.ndarray) -> tuple[float, int]:
+    """Median of the finite values and how many NaN values were left out; NaN if none is finite."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    kept = values[~np.isnan(values)]
+    return (float(np.median(kept)) if kept.size else float("nan")), int(values.size - kept.size)
+
+
 def neighbour_statistics(imageset: ImageSet, *, channel: int = 0, max_distance: int = 10) -> dict:
     """How alike a dataset's images are: within a volume by slice distance, and across subjects.
 
     Returns a dict with ``other_subject`` (each image's best r with another subject's image),
     ``by_distance`` (``{d: r values}`` for slices d apart in one subject, or None when the images
-    are not slices of volumes) and their medians, ready for the data notebook's summary.
+    are not slices of volumes) and their medians, ready for the data notebook's summary. The
+    medians leave out NaN values (constant slices, images without another subject's match) and
+    count them in ``adjacent_dropped`` and ``other_subject_dropped``; a median over nothing is NaN.
     """
     by_distance = None
     if slice_positions(imageset) is not None:
         by_distance = correlation_by_slice_distance(imageset, channel=channel, max_distance=max_distance)
     other = nearest_other_subject(imageset, channel=channel)
+    median_other, dropped_other = nan_median(other)
+    median_adjacent, dropped_adjacent = None, 0
+    if by_distance and 1 in by_distance:
+        median_adjacent, dropped_adjacent = nan_median(by_distance[1])
     return {
         "by_distance": by_distance,
         "other_subject": other,
-        "median_adjacent_r": float(np.nanmedian(by_distance[1]))
-        if by_distance and 1 in by_distance
-        else None,
-        "median_other_subject_r": float(np.nanmedian(other)),
+        "median_adjacent_r": median_adjacent,
+        "adjacent_dropped": dropped_adjacent,
+        "median_other_subject_r": median_other,
+        "other_subject_dropped": dropped_other,
     }

@@ -10,8 +10,7 @@ import pytest
 from scipy.ndimage import gaussian_filter
 from scipy.stats import pearsonr
 
-from memstudy.correlate import Exclude, Matches, merge_matches, topk_pearson
-from memstudy.correlate.backend_numpy import release_buffers
+from memstudy.correlate import Exclude, Matches, merge_matches, release_buffers, topk_pearson
 from memstudy.correlate.search import plan_blocks
 from memstudy.data import ImageSet
 
@@ -294,3 +293,75 @@ def test_merged_shards_equal_one_search_and_matches_round_trip(tmp_path):
     np.testing.assert_array_equal(merged.constant_training, [44])
     np.testing.assert_array_equal(loaded.values, whole.values)
     np.testing.assert_array_equal(loaded.constant_training, whole.constant_training)
+
+
+def test_exclude_group_with_one_subject_warns_how_many_rows_have_no_match(caplog):
+    rng = np.random.default_rng(15)
+    images = rng.integers(0, 256, (6, 8, 8), dtype=np.uint8)
+    imageset = ImageSet(images[:, None], tuple(f"s0/z{i:03d}" for i in range(6)), np.zeros(6), ("t1",))
+
+    with caplog.at_level(logging.WARNING, logger="memstudy.correlate"):
+        matches = topk_pearson(imageset, imageset, k=2, exclude="group")
+
+    assert np.isnan(matches.values).all() and (matches.indices == -1).all()
+    assert "6 of 6 synthetic image(s) got no eligible training image" in caplog.text
+    assert "every image of its group" in caplog.text
+
+
+def test_one_slice_position_rule_for_exclusions_and_analysis():
+    from memstudy.analysis import slice_positions as analysis_positions
+    from memstudy.correlate.exclude import slice_positions
+
+    rng = np.random.default_rng(16)
+    images = rng.integers(0, 256, (4, 1, 6, 6), dtype=np.uint8)
+    slices = ImageSet(images, ("a/z010", "a/z012", "b/z003", "b/z011"), np.array([0, 0, 1, 1]), ("t1",))
+    photos = ImageSet(images, ("NORMAL/IM-0001-0001.jpeg",) * 4, np.array([0, 0, 1, 1]), ("t1",))
+
+    np.testing.assert_array_equal(analysis_positions(slices), [10, 12, 3, 11])
+    np.testing.assert_array_equal(slice_positions(slices.names), [10, 12, 3, 11])
+    assert analysis_positions(photos) is None and slice_positions(photos.names) is None
+    # Exclusions use the same rule: names without "/z<n>" are not slices, so their position is
+    # their order within the group and two photos of one patient are not "the same slice".
+    found = topk_pearson(photos, photos, k=3, exclude=Exclude(slice_distance=0))
+    assert sorted(found.indices[0]) == [1, 2, 3]
+
+
+def test_analysis_standardized_gives_float64_pearson_and_nan_for_constant_images():
+    from memstudy.analysis import standardized
+
+    rng = np.random.default_rng(17)
+    images = rng.integers(200, 211, (5, 32, 32), dtype=np.uint8)
+    images[3] = 7
+
+    unit = standardized(images)
+
+    r = pearson_matrix(images[[0, 1, 2, 4]], images[[0, 1, 2, 4]])
+    kept = unit[[0, 1, 2, 4]].astype(np.float64)
+    # float32 rows: each value rounded once, so r is off by a few float32 ulps at most.
+    np.testing.assert_allclose(kept @ kept.T, r, atol=1e-6)
+    assert np.isnan(unit[3]).all() and unit.dtype == np.float32
+
+
+def test_correlate_modules_import_without_a_circle_and_backends_share_only_core():
+    import ast
+    from pathlib import Path
+
+    import memstudy.correlate
+
+    folder = Path(memstudy.correlate.__file__).parent
+    imports = {}
+    for path in folder.glob("*.py"):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):  # function-level imports count too
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("memstudy.correlate."):
+                found.add(node.module.split(".")[2])
+        imports[path.stem] = found
+
+    def reaches(start: str, target: str, seen: set[str]) -> bool:
+        return any(
+            m == target or (m not in seen and reaches(m, target, seen | {m})) for m in imports.get(start, ())
+        )
+
+    assert [m for m in imports if reaches(m, m, set())] == []
+    for backend in ("backend_numpy", "backend_int8", "backend_cupy"):
+        assert imports[backend] == {"core"}, backend

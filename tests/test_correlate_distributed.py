@@ -73,3 +73,25 @@ def test_dask_search_with_more_shards_than_k_allows(client, images):
 
     np.testing.assert_array_equal(distributed.indices, local.indices)
     np.testing.assert_allclose(distributed.values, local.values, atol=1e-6)
+
+
+def test_dask_search_orders_identical_images_straddling_k_by_index(client):
+    rng = np.random.default_rng(1)
+    training = rng.integers(0, 256, (60, 12, 12), dtype=np.uint8)
+    copies = [4, 19, 20, 33, 51]  # spread over the shards
+    training[copies] = training[33]
+    synthetic = training[[33, 7]].copy()
+
+    found = topk_pearson_dask(synthetic, training, k=3, client=client, n_shards=4, backend="numpy")
+
+    np.testing.assert_array_equal(found.indices[0], [4, 19, 20])
+    # Against float64 Pearson computed here: values are r rounded to float32 (≤ 2⁻²⁴·|r| off);
+    # the reference itself is off by ~144·2⁻⁵³ at 144 pixels, far below the 1e-12 allowed.
+    a = synthetic.reshape(2, -1).astype(np.float64)
+    b = training.reshape(60, -1).astype(np.float64)
+    a -= a.mean(axis=1, keepdims=True)
+    b -= b.mean(axis=1, keepdims=True)
+    r = (a / np.linalg.norm(a, axis=1, keepdims=True)) @ (b / np.linalg.norm(b, axis=1, keepdims=True)).T
+    expected = np.take_along_axis(r, found.indices, axis=1)
+    assert np.all(np.abs(found.values - expected) <= 2.0**-24 * np.abs(expected) + 1e-12)
+    np.testing.assert_array_equal(found.indices[1, 0], 7)

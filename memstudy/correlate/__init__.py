@@ -4,7 +4,7 @@
 the same search over a Dask cluster.
 """
 
-from memstudy.correlate.backend_numpy import release_buffers
+from memstudy.correlate.core import release_buffers
 from memstudy.correlate.exclude import Exclude
 from memstudy.correlate.matches import Matches, merge_matches
 from memstudy.correlate.search import topk_pearson

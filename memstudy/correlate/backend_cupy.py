@@ -12,17 +12,24 @@ Two kernels (compiled once per process by NVRTC):
     One thread block per synthetic image: each thread scans a strided part of the score row,
     keeping a sorted top-k of its own (skipping invalid columns), plus the row's running top-k;
     then k rounds of a block-wide arg-max (value descending, index ascending) produce the merged
-    top-k in place. Used for k <= ``MAX_K``; larger k falls back to a CuPy sort.
+    top-k in place. Here k is the number of candidate slots the search asks for. Used for
+    k <= ``MAX_K``; larger k falls back to a CuPy sort. :func:`merge_topk_model` is the same
+    algorithm in NumPy, thread by thread, so that the CPU tests check the algorithm and a GPU run
+    checks the port.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from memstudy.correlate.backends import K_PIECE, MAX_GPU_CHUNK_MB, Prepared
+from memstudy.correlate.core import K_PIECE, MAX_GPU_CHUNK_MB, Prepared, float32_score_bound
+
+#: Relative rounding of each factor when CuPy runs float32 GEMMs in TF32 (``CUPY_TF32=1``).
+TF32_ROUNDING = 2.0**-11
 
 MAX_K = 64
 _STANDARDIZE_THREADS = 256
@@ -178,6 +185,63 @@ extern "C" __global__ void merge_topk(const float* __restrict__ scores, const fl
 """
 
 
+def _better(v1: float, i1: int, v2: float, i2: int) -> bool:
+    """The kernel's order: descending value, then ascending index; a real index beats -1."""
+    return v1 > v2 or (v1 == v2 and i1 >= 0 and (i2 < 0 or i1 < i2))
+
+
+def _insert(lv: list, li: list, k: int, v: float, i: int) -> None:
+    if i < 0 or not _better(v, i, lv[k - 1], li[k - 1]):
+        return
+    p = k - 1
+    while p > 0 and _better(v, i, lv[p - 1], li[p - 1]):
+        lv[p], li[p] = lv[p - 1], li[p - 1]
+        p -= 1
+    lv[p], li[p] = v, i
+
+
+def merge_topk_model(
+    scores: np.ndarray,
+    scale: np.ndarray,
+    best_v: np.ndarray,
+    best_i: np.ndarray,
+    offset: int,
+    threads: int = _MERGE_THREADS,
+) -> None:
+    """The ``merge_topk`` kernel in NumPy, thread by thread (slow; for tests of the algorithm).
+
+    ``scores`` (n, width) float32, ``scale`` (width,) float32 (0 marks dead columns), running
+    ``best_v`` float32 / ``best_i`` int64 (n, k) updated in place, exactly as the kernel does.
+    """
+    n, width = scores.shape
+    k = best_v.shape[1]
+    for row in range(n):
+        local = []
+        for tid in range(threads):
+            lv, li = [-np.inf] * k, [-1] * k
+            for e in range(tid, k, threads):
+                _insert(lv, li, k, best_v[row, e], int(best_i[row, e]))
+            for j in range(tid, width, threads):
+                if scale[j] != 0:
+                    _insert(lv, li, k, np.float32(scores[row, j]) * np.float32(scale[j]), offset + j)
+            local.append((lv, li))
+        heads = [0] * threads
+        for r in range(k):
+            # Block-wide arg-max: a tree reduction over threads, as in shared memory.
+            s_v = [local[t][0][heads[t]] if heads[t] < k else -np.inf for t in range(threads)]
+            s_i = [local[t][1][heads[t]] if heads[t] < k else -1 for t in range(threads)]
+            s_t = list(range(threads))
+            stride = threads // 2
+            while stride > 0:
+                for t in range(stride):
+                    if _better(s_v[t + stride], s_i[t + stride], s_v[t], s_i[t]):
+                        s_v[t], s_i[t], s_t[t] = s_v[t + stride], s_i[t + stride], s_t[t + stride]
+                stride //= 2
+            best_v[row, r] = s_v[0]
+            best_i[row, r] = -1 if s_v[0] == -np.inf else s_i[0]
+            heads[s_t[0]] += 1
+
+
 def _kernels() -> tuple[dict[str, Any], Any]:
     """Compile (once per process) the standardization kernels per input type and the merge kernel."""
     global _COMPILED
@@ -219,6 +283,7 @@ class CupyBackend:
     name = "cupy"
     prepared_itemsize = 4
     score_bytes = 8
+    exact = False
 
     def __init__(self) -> None:
         import cupy
@@ -231,6 +296,11 @@ class CupyBackend:
         """Half of the free device memory, at most ``MAX_GPU_CHUNK_MB``."""
         free, _ = self._cupy.cuda.runtime.memGetInfo()
         return min(free / 2**20 / 2, MAX_GPU_CHUNK_MB)
+
+    def score_bound(self, d: int) -> float:
+        # Rows are standardized in float64 and rounded once, so no centring term is added.
+        tf32 = os.environ.get("CUPY_TF32", "0") == "1"
+        return float32_score_bound(d, input_rounding=TF32_ROUNDING if tf32 else 0.0)
 
     def _buffer(self, name: str, shape: tuple[int, ...], dtype: Any) -> Any:
         size = int(np.prod(shape))
@@ -257,11 +327,11 @@ class CupyBackend:
     def prepare_training(self, raw: np.ndarray) -> Prepared:
         return self._standardized(raw, "training")
 
-    def new_state(self, n_rows: int, k: int) -> CupyTopK:
+    def new_state(self, n_rows: int, slots: int) -> CupyTopK:
         cupy = self._cupy
         return CupyTopK(
-            cupy.full((n_rows, k), -cupy.inf, dtype=cupy.float32),
-            cupy.full((n_rows, k), -1, dtype=cupy.int64),
+            cupy.full((n_rows, slots), -cupy.inf, dtype=cupy.float32),
+            cupy.full((n_rows, slots), -1, dtype=cupy.int64),
         )
 
     def update(
@@ -315,7 +385,7 @@ class CupyBackend:
         state.indices = cupy.take_along_axis(all_indices, where, axis=1)
 
     def result(self, state: CupyTopK) -> tuple[np.ndarray, np.ndarray]:
-        return state.values.get(), state.indices.get()
+        return state.values.get().astype(np.float64), state.indices.get()
 
     def close(self) -> None:
         """Nothing to give back: CuPy's memory pool keeps device buffers for reuse."""

@@ -1,16 +1,15 @@
-"""NumPy backend: BLAS SGEMM for the scores, argpartition for the running top-k."""
+"""NumPy backend: BLAS SGEMM for the scores, argpartition for the running candidates."""
 
 from __future__ import annotations
 
 import itertools
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from memstudy.correlate.backends import DEFAULT_CPU_CHUNK_MB, Prepared
+from memstudy.correlate.core import DEFAULT_CPU_CHUNK_MB, K_PIECE, POOL, U64, Prepared, float32_score_bound
 
 #: Rows centred and squared at a time while preparing a training chunk: a few rows of 256×256
 #: float32 stay in the L2 cache between the passes.
@@ -21,59 +20,10 @@ _EXACT_CONSTANT_TEST_PIXELS = 2**20
 
 @dataclass
 class TopK:
-    """Running top-k of a block of synthetic rows (host arrays, unordered within a row)."""
+    """Running top candidates of a block of synthetic rows (host arrays, unordered within a row)."""
 
     values: np.ndarray
     indices: np.ndarray
-
-
-class _Buffers:
-    """Named flat work buffers, grown as needed and reused chunk after chunk."""
-
-    def __init__(self) -> None:
-        self._arrays: dict[str, np.ndarray] = {}
-
-    def get(self, name: str, shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
-        size = int(np.prod(shape))
-        array = self._arrays.get(name)
-        if array is None or array.size < size or array.dtype != dtype:
-            array = self._arrays[name] = np.empty(size, dtype=dtype)
-        return array[:size].reshape(shape)
-
-
-class _BufferPool:
-    """Work buffers kept from one search to the next in this process.
-
-    Touching fresh memory costs page faults (~1 ms per MB on a VM): for a search's several hundred
-    MB of buffers that was more than all of its standardization. A search takes a set of buffers
-    and gives it back when done; concurrent searches (threads) never share one.
-    """
-
-    def __init__(self, keep: int = 2) -> None:
-        self._free: list[_Buffers] = []
-        self._keep = keep
-        self._lock = threading.Lock()
-
-    def take(self) -> _Buffers:
-        with self._lock:
-            return self._free.pop() if self._free else _Buffers()
-
-    def give(self, buffers: _Buffers) -> None:
-        with self._lock:
-            if len(self._free) < self._keep:
-                self._free.append(buffers)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._free.clear()
-
-
-POOL = _BufferPool()
-
-
-def release_buffers() -> None:
-    """Free the work buffers the CPU backends keep for the next search (at most ~2 × ``chunk_mb``)."""
-    POOL.clear()
 
 
 def is_wide(dtype: np.dtype) -> bool:
@@ -84,30 +34,43 @@ def is_wide(dtype: np.dtype) -> bool:
 def _centre_block(
     raw: np.ndarray, out: np.ndarray, scratch: np.ndarray, stats: np.ndarray, unit: bool
 ) -> None:
-    """Centre ``raw`` rows into ``out``; write per-row sum, sum of squares and constancy into ``stats``.
+    """Centre ``raw`` rows into ``out``; write per-row statistics into ``stats``.
 
-    With ``unit`` the rows are also scaled to unit norm while they are in cache (constant and
-    non-finite rows become zero).
+    ``stats`` columns: sum, centred sum of squares, constancy, and a bound on the error of the
+    subtracted mean. With ``unit`` the rows are also scaled to unit norm while they are in cache
+    (constant and non-finite rows become zero).
 
-    Sums are NumPy pairwise reductions (relative error ~1e-7 at 65,536 pixels, as good as float64
-    accumulation here); a plain float32 dot product (``einsum``) loses ~1e-4 and is not accurate
-    enough for the norms. Inputs that float32 cannot hold exactly (float64, int32...) are centred
-    in float64 before the cast, so a large offset does not eat the contrast.
+    Sums are exact (int64) for integer pixels and accumulated in float64 otherwise, so the mean is
+    off by its rounding to float32 only. Sums of squares are NumPy pairwise reductions (relative
+    error ~1e-7 at 65,536 pixels); a plain float32 dot product (``einsum``) loses ~1e-4 and is not
+    accurate enough for the norms. Inputs that float32 cannot hold exactly (float64, int32...) are
+    centred in float64 before the cast, so a large offset does not eat the contrast.
     """
     d = raw.shape[1]
+    integer = raw.dtype.kind in "biu"
     # NumPy's error state is per thread: set it here, in the worker. Rows with NaN/Inf are flagged.
     with np.errstate(invalid="ignore"):
         for i in range(0, raw.shape[0], _ROWS_IN_CACHE):
             source = raw[i : i + _ROWS_IN_CACHE]
             rows = out[i : i + _ROWS_IN_CACHE]
             block = stats[i : i + _ROWS_IN_CACHE]
+            if integer and not is_wide(source.dtype):
+                block[:, 0] = np.add.reduce(source, axis=1, dtype=np.int64)
             if is_wide(source.dtype):
                 block[:, 0] = np.add.reduce(source, axis=1, dtype=np.float64)
                 np.subtract(source, (block[:, 0] / d)[:, None], out=rows, dtype=np.float64, casting="unsafe")
+                block[:, 3] = 0.0
             else:
                 np.copyto(rows, source, casting="unsafe")
-                block[:, 0] = np.add.reduce(rows, axis=1)
-                np.subtract(rows, (block[:, 0] / d).astype(np.float32)[:, None], out=rows)
+                if not integer:
+                    block[:, 0] = np.add.reduce(rows, axis=1, dtype=np.float64)
+                mean = (block[:, 0] / d).astype(np.float32)
+                np.subtract(rows, mean[:, None], out=rows)
+                block[:, 3] = np.abs(mean - block[:, 0] / d) * (1 + U64) + U64 * np.abs(mean)
+            if not integer:
+                # The float64 sum itself is off by at most γ_D·Σ|x| ≤ γ_D·D·max|x|.
+                absmax = np.maximum(np.abs(source.min(axis=1)), np.abs(source.max(axis=1)))
+                block[:, 3] += d * U64 * absmax.astype(np.float64)
             squares = scratch[: rows.shape[0]]
             np.multiply(rows, rows, out=squares)
             block[:, 1] = np.add.reduce(squares, axis=1)
@@ -124,39 +87,55 @@ def _centre_block(
                 rows *= scale[:, None]
 
 
-def _flags(stats: np.ndarray, floating: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Inverse norms (0 for rows that must never match), constant rows and non-finite rows."""
-    sums, sumsq, same = stats.T
+def _flags(
+    stats: np.ndarray, d: int, floating: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Inverse norms (0 for rows that must never match), constant rows, non-finite rows, η².
+
+    η = (error of the subtracted mean) / (pixel standard deviation) per row; its square bounds the
+    centring's effect on r (see :func:`memstudy.correlate.core.float32_score_bound`).
+    """
+    sums, sumsq, same, mean_error = stats.T
     nonfinite = ~np.isfinite(sums) if floating else np.zeros(sums.shape[0], dtype=bool)
     constant = (same > 0) | (~nonfinite & ~(sumsq > 0))
     valid = ~(constant | nonfinite)
     inv_norm = np.zeros(sums.shape[0], dtype=np.float32)
     inv_norm[valid] = 1.0 / np.sqrt(sumsq[valid])
-    return inv_norm, constant, nonfinite
+    offset2 = np.zeros(sums.shape[0], dtype=np.float64)
+    # σ² = Σ(x − μ)²/D from the float32 sum of squares, whose relative error is far below 1 %.
+    offset2[valid] = 1.01 * mean_error[valid] ** 2 * d / sumsq[valid]
+    return inv_norm, constant, nonfinite, offset2
 
 
 def merge_topk(values: np.ndarray, indices: np.ndarray, scores: np.ndarray, offset: int) -> None:
-    """Merge a score block into a running top-k in place (for k = 1, a tie keeps the earlier index)."""
-    n, k = values.shape
+    """Merge a score block into a running top-``slots`` in place (any order within a row)."""
+    slots = values.shape[1]
     width = scores.shape[1]
-    if k == 1:
-        best = scores.argmax(axis=1)
-        top = scores[np.arange(n), best]
-        better = top > values[:, 0]
-        values[better, 0] = top[better]
-        indices[better, 0] = best[better] + offset
-        return
-    if width > k:
-        columns = np.argpartition(scores, width - k, axis=1)[:, width - k :]
+    if width > slots:
+        columns = np.argpartition(scores, width - slots, axis=1)[:, width - slots :]
         candidates = np.take_along_axis(scores, columns, axis=1)
     else:
         columns = np.broadcast_to(np.arange(width), scores.shape)
         candidates = scores
     all_values = np.concatenate([values, candidates], axis=1)
     all_indices = np.concatenate([indices, columns + offset], axis=1)
-    keep = np.argpartition(all_values, all_values.shape[1] - k, axis=1)[:, -k:]
+    keep = np.argpartition(all_values, all_values.shape[1] - slots, axis=1)[:, -slots:]
     values[:] = np.take_along_axis(all_values, keep, axis=1)
     indices[:] = np.take_along_axis(all_indices, keep, axis=1)
+
+
+def standardize(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows (N, D) of any real dtype as centred, unit-norm float32 rows, and the constant ones.
+
+    The standardization of the search itself (constant and non-finite rows become zero), for
+    callers that want r = a @ b.T of a few images.
+    """
+    backend = NumpyBackend()
+    try:
+        prepared = backend.prepare_synthetic(np.asarray(rows).reshape(len(rows), -1))
+        return prepared.data.copy(), prepared.constant | prepared.nonfinite
+    finally:
+        backend.close()
 
 
 class NumpyBackend:
@@ -164,11 +143,14 @@ class NumpyBackend:
 
     Standardization runs in one thread per core: NumPy's element-wise loops are single-threaded
     and release the GIL, and on 2 cores this halves the part of the search that is not GEMM.
+    Products are summed over ``K_PIECE`` pixels per GEMM call, which bounds the rounding error
+    whatever order the BLAS sums in (:func:`~memstudy.correlate.core.float32_score_bound`).
     """
 
     name = "numpy"
     prepared_itemsize = 4
-    score_bytes = 12
+    score_bytes = 20  # float32 scores and piece, argpartition columns and candidates
+    exact = False
 
     def __init__(self) -> None:
         self._buffers = POOL.take()
@@ -179,15 +161,16 @@ class NumpyBackend:
     def default_chunk_mb(self) -> float:
         return DEFAULT_CPU_CHUNK_MB
 
+    def score_bound(self, d: int) -> float:
+        return float32_score_bound(d)
+
     def close(self) -> None:
         POOL.give(self._buffers)
 
-    def _centre(
-        self, raw: np.ndarray, name: str, unit: bool
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def _centre(self, raw: np.ndarray, name: str, unit: bool) -> Prepared:
         n, d = raw.shape
         out = self._buffers.get(name, (n, d))
-        stats = np.empty((n, 3), dtype=np.float64)
+        stats = np.empty((n, 4), dtype=np.float64)
         parts = min(self._threads, -(-n // _ROWS_IN_CACHE))
         bounds = np.linspace(0, n, parts + 1).astype(int) // _ROWS_IN_CACHE * _ROWS_IN_CACHE
         bounds[-1] = n
@@ -201,18 +184,19 @@ class NumpyBackend:
         else:
             with ThreadPoolExecutor(parts) as pool:
                 list(pool.map(lambda job: _centre_block(*job), jobs))
-        return (out, *_flags(stats, raw.dtype.kind == "f"))
+        inv_norm, constant, nonfinite, offset2 = _flags(stats, d, raw.dtype.kind == "f")
+        return Prepared(out, None if unit else inv_norm, constant, nonfinite, offset2=offset2)
 
     def prepare_synthetic(self, raw: np.ndarray) -> Prepared:
-        rows, _, constant, nonfinite = self._centre(raw, "synthetic", unit=True)
-        return Prepared(rows, None, constant, nonfinite)
+        return self._centre(raw, "synthetic", unit=True)
 
     def prepare_training(self, raw: np.ndarray) -> Prepared:
-        out, inv_norm, constant, nonfinite = self._centre(raw, "training", unit=False)
-        return Prepared(out, inv_norm, constant, nonfinite)
+        return self._centre(raw, "training", unit=False)
 
-    def new_state(self, n_rows: int, k: int) -> TopK:
-        return TopK(np.full((n_rows, k), -np.inf, dtype=np.float32), np.full((n_rows, k), -1, dtype=np.int64))
+    def new_state(self, n_rows: int, slots: int) -> TopK:
+        return TopK(
+            np.full((n_rows, slots), -np.inf, dtype=np.float32), np.full((n_rows, slots), -1, dtype=np.int64)
+        )
 
     def update(
         self,
@@ -222,8 +206,16 @@ class NumpyBackend:
         offset: int,
         excluded: tuple[np.ndarray, np.ndarray] | None,
     ) -> None:
-        shape = (synthetic.data.shape[0], training.data.shape[0])
-        scores = np.matmul(synthetic.data, training.data.T, out=self._buffers.get("scores", shape))
+        a, b = synthetic.data, training.data
+        shape = (a.shape[0], b.shape[0])
+        scores = self._buffers.get("scores", shape)
+        piece = self._buffers.get("piece", shape) if a.shape[1] > K_PIECE else None
+        for start in range(0, a.shape[1], K_PIECE):
+            stop = start + K_PIECE
+            if start == 0:
+                np.matmul(a[:, :stop], b[:, :stop].T, out=scores)
+            else:
+                scores += np.matmul(a[:, start:stop], b[:, start:stop].T, out=piece)
         scores *= training.inv_norm
         dead = training.inv_norm == 0
         if dead.any():
@@ -233,4 +225,4 @@ class NumpyBackend:
         merge_topk(state.values, state.indices, scores, offset)
 
     def result(self, state: TopK) -> tuple[np.ndarray, np.ndarray]:
-        return state.values, state.indices
+        return state.values.astype(np.float64), state.indices

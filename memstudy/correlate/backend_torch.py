@@ -2,59 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import numpy as np
 
 from memstudy.correlate.backend_numpy import NumpyBackend
-from memstudy.correlate.backends import DEFAULT_CPU_CHUNK_MB, K_PIECE, MAX_GPU_CHUNK_MB, Prepared
+from memstudy.correlate.core import (
+    DEFAULT_CPU_CHUNK_MB,
+    K_PIECE,
+    MAX_GPU_CHUNK_MB,
+    Prepared,
+    TorchTopK,
+    float32_score_bound,
+    merge_scores,
+    new_topk,
+)
 
-
-@dataclass
-class TorchTopK:
-    """Running top-k of a block of synthetic rows, as device tensors."""
-
-    values: Any
-    indices: Any
-
-
-def new_topk(torch: Any, n_rows: int, k: int, device: Any, dtype: Any) -> TorchTopK:
-    """A running top-k with values -inf and indices -1."""
-    return TorchTopK(
-        torch.full((n_rows, k), -torch.inf, dtype=dtype, device=device),
-        torch.full((n_rows, k), -1, dtype=torch.int64, device=device),
-    )
-
-
-def merge_scores(
-    state: TorchTopK,
-    scores: Any,
-    training: Prepared,
-    offset: int,
-    excluded: tuple[np.ndarray, np.ndarray] | None,
-) -> None:
-    """Mask dead columns and excluded pairs in a score block, then merge it into ``state``."""
-    import torch
-
-    dead = training.constant | training.nonfinite
-    if dead.any():
-        scores[:, torch.from_numpy(dead).to(scores.device)] = -torch.inf
-    if excluded is not None:
-        rows, cols = (torch.from_numpy(a).to(scores.device) for a in excluded)
-        scores[rows, cols] = -torch.inf
-    k = state.values.shape[1]
-    if k == 1:
-        top, best = scores.max(dim=1)
-        better = top > state.values[:, 0]
-        state.values[:, 0] = torch.where(better, top, state.values[:, 0])
-        state.indices[:, 0] = torch.where(better, best + offset, state.indices[:, 0])
-        return
-    candidates = torch.cat([state.values, scores], dim=1)
-    top, where = torch.topk(candidates, k, dim=1)
-    previous = state.indices.gather(1, where.clamp(max=k - 1))
-    state.indices = torch.where(where < k, previous, where - k + offset)
-    state.values = top
+#: Relative rounding of each factor when float32 products run in TF32 (10-bit mantissa).
+TF32_ROUNDING = 2.0**-11
 
 
 class TorchBackend:
@@ -68,7 +31,8 @@ class TorchBackend:
 
     name = "torch"
     prepared_itemsize = 4
-    score_bytes = 16
+    score_bytes = 20
+    exact = False
 
     def __init__(self, device: str | None = None) -> None:
         import torch
@@ -84,11 +48,18 @@ class TorchBackend:
         free, _ = self._torch.cuda.mem_get_info(self.device)
         return min(free / 2**20 / 2, MAX_GPU_CHUNK_MB)
 
+    def score_bound(self, d: int) -> float:
+        torch = self._torch
+        reduced = torch.get_float32_matmul_precision() != "highest" or (
+            self.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+        )
+        return float32_score_bound(d, input_rounding=TF32_ROUNDING if reduced else 0.0)
+
     def _to_device(self, block: Prepared) -> Prepared:
         torch = self._torch
         data = torch.from_numpy(block.data).to(self.device)
         inv_norm = None if block.inv_norm is None else torch.from_numpy(block.inv_norm).to(self.device)
-        return Prepared(data, inv_norm, block.constant, block.nonfinite)
+        return Prepared(data, inv_norm, block.constant, block.nonfinite, offset2=block.offset2)
 
     def prepare_synthetic(self, raw: np.ndarray) -> Prepared:
         return self._to_device(self._host.prepare_synthetic(raw))
@@ -96,8 +67,8 @@ class TorchBackend:
     def prepare_training(self, raw: np.ndarray) -> Prepared:
         return self._to_device(self._host.prepare_training(raw))
 
-    def new_state(self, n_rows: int, k: int) -> TorchTopK:
-        return new_topk(self._torch, n_rows, k, self.device, self._torch.float32)
+    def new_state(self, n_rows: int, slots: int) -> TorchTopK:
+        return new_topk(self._torch, n_rows, slots, self.device, self._torch.float32)
 
     def update(
         self,
@@ -109,21 +80,23 @@ class TorchBackend:
     ) -> None:
         torch = self._torch
         shape = (synthetic.data.shape[0], training.data.shape[0])
-        if self._scores is None or self._scores.numel() < shape[0] * shape[1]:
-            self._scores = torch.empty(shape[0] * shape[1], dtype=torch.float32, device=self.device)
-        scores = self._scores[: shape[0] * shape[1]].view(shape)
+        size = shape[0] * shape[1]
+        if self._scores is None or self._scores.numel() < 2 * size:
+            self._scores = torch.empty(2 * size, dtype=torch.float32, device=self.device)
+        scores, piece = self._scores[:size].view(shape), self._scores[size : 2 * size].view(shape)
         for start in range(0, synthetic.data.shape[1], K_PIECE):
             a = synthetic.data[:, start : start + K_PIECE]
             b = training.data[:, start : start + K_PIECE]
+            # Each piece in its own product, added here: addmm_ would let the BLAS chain the sums.
             if start == 0:
                 torch.matmul(a, b.T, out=scores)
             else:
-                scores.addmm_(a, b.T)
+                scores.add_(torch.matmul(a, b.T, out=piece))
         scores.mul_(training.inv_norm)
         merge_scores(state, scores, training, offset, excluded)
 
     def result(self, state: TorchTopK) -> tuple[np.ndarray, np.ndarray]:
-        return state.values.float().cpu().numpy(), state.indices.cpu().numpy()
+        return state.values.double().cpu().numpy(), state.indices.cpu().numpy()
 
     def close(self) -> None:
         self._host.close()

@@ -6,6 +6,7 @@ Every ratio compares two measurements taken in the same process on the same data
   standardization included, from uint8 images, with the backend ``auto`` picks on this CPU) over
   the machine's own large float32 GEMM (NumPy, 4096²). The exact int8 backend does integer
   operations, so its fraction can exceed 1; ``sgemm_fraction_float32`` is the float32 (NumPy) path;
+- ``topk_identical_between_backends``: every CPU backend returned the same (N_syn, k) indices;
 - ``vs_faiss``: our throughput over ``faiss.IndexFlatIP`` exact search (same k) on the same images,
   already standardized for faiss (its time excludes standardization, ours does not);
   ``vs_faiss_end_to_end`` adds the standardization faiss needs (ours, timed) to its time,
@@ -215,6 +216,7 @@ def measure_gpu(size: int, n_synthetic: int, n_training: int, k: int) -> dict[st
         "slice": [n_synthetic, n_training],
         "max_abs_diff_vs_numpy": float(np.nanmax(np.abs(ours.values - reference.values))),
         "top1_agreement_vs_numpy": float(np.mean(ours.indices[:, 0] == reference.indices[:, 0])),
+        "topk_identical_vs_numpy": bool(np.array_equal(ours.indices, reference.indices)),
         "extrapolated_1e5x1e5_seconds": seconds * 1e10 / (n_synthetic * n_training),
     }
 
@@ -285,6 +287,7 @@ def measure_throughput(
         top1_agreement_between_backends=float(
             np.mean([np.mean(found[name][:, 0] == found["numpy"][:, 0]) for name in backends])
         ),
+        topk_identical_between_backends=all(np.array_equal(found[name], found["numpy"]) for name in backends),
     )
 
 
@@ -348,7 +351,8 @@ def format_report(results: dict[str, Any]) -> str:
         f"faiss IndexFlatIP: {results['faiss_gflops']:.0f} GFLOP/s → ours is {results['vs_faiss']:.2f}×, "
         f"{results['vs_faiss_end_to_end']:.2f}× with faiss's standardization, float32 path "
         f"{results['vs_faiss_float32']:.2f}× "
-        f"(top-1 agreement {results['faiss_top1_agreement']:.1%})",
+        f"(top-1 agreement {results['faiss_top1_agreement']:.1%}); our backends give identical top-k: "
+        f"{results['topk_identical_between_backends']}",
         f"per-pair pearsonr loop: {results['pearsonr_loop_ms_per_pair']:.2f} ms/pair with PNG reads, "
         f"{results['pearsonr_compute_ms_per_pair']:.2f} ms without → ours is "
         f"{results['vs_pearsonr_loop']:.0f}× "

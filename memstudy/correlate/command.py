@@ -372,7 +372,8 @@ def add_correlate_command(subparsers: argparse._SubParsersAction) -> argparse.Ar
         default=None,
         metavar="S",
         help="for a set against itself: also leave out slices of the same subject at most S apart "
-        "(slice numbers: the last number in each image name, or the position column of --groups)",
+        "(slice positions: names like subject/z078, else the order within the subject, or the position "
+        "column of --groups)",
     )
     parser.add_argument(
         "--groups",

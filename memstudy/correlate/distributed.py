@@ -1,8 +1,9 @@
 """The same exact search spread over a Dask cluster: training shards on workers, top-k merged here.
 
 Each worker searches every synthetic image against one contiguous shard of the training set and
-returns a partial top-k with global indices; the partial results are merged as they arrive. Because
-the top-k of a union is the top-k of the partial top-ks, the answer equals the local search.
+returns a partial top-k with global indices and exact (re-scored) values; the partial results are
+merged as they arrive with the search's own final ordering. Because the top-k of a union is the
+top-k of the partial top-ks, the answer equals the local search, ties included.
 
 Inputs given as files (``.npy`` paths, saved ImageSet folders, memmaps) travel as a path and an
 offset: every worker reads its own shard from the shared filesystem. In-memory arrays are scattered
@@ -78,7 +79,7 @@ def topk_pearson_dask(
     Returns
     -------
     Matches
-        The same as the local search (ties in r aside, which are ordered by index in both).
+        The same as the local search, indices and values.
 
     Notes
     -----
@@ -125,5 +126,5 @@ def topk_pearson_dask(
             part = future.result()
             merged = part if merged is None else merge_matches([merged, part])
             bar.update(1)
-    report_constants(merged)
+    report_constants(merged, exclusion)
     return merged

@@ -10,7 +10,9 @@ import numpy as np
 
 from memstudy.correlate.sources import Source
 
-_TRAILING_NUMBER = re.compile(r"(\d+)\D*$")
+#: The one rule for slice positions in image names: ``<subject>/z<number>``, as the BraTS loader
+#: writes them (``BraTS20_Training_001/z078`` → 78).
+SLICE_NAME = re.compile(r"/z(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -33,9 +35,9 @@ class Exclude:
         Group (subject id) per image. Default: ``ImageSet.groups`` of each input. A single array is
         used for both sides.
     positions : array_like, or a pair, optional
-        Slice position per image. Default: the last number in each image name
-        (``"BraTS20_Training_001/z078"`` → 78) when every name has one, else the order of the image
-        within its group.
+        Slice position per image. Default: from names like ``"BraTS20_Training_001/z078"`` (→ 78,
+        :func:`slice_positions`) when every name has that form, else the order of the image within
+        its group.
     """
 
     self_match: bool = True
@@ -71,6 +73,15 @@ class Exclusion:
     training_groups: np.ndarray | None
     synthetic_positions: np.ndarray | None
     training_positions: np.ndarray | None
+
+    def describe(self) -> str:
+        """What this exclusion leaves out, in words (for messages)."""
+        parts = ["the image itself"] if self.self_match else []
+        if self.same_group:
+            parts.append("every image of its group")
+        elif self.slice_distance is not None:
+            parts.append(f"slices of its group at most {self.slice_distance} apart")
+        return ", ".join(parts) or "nothing"
 
     def pairs(self, s0: int, s1: int, t0: int, t1: int) -> tuple[np.ndarray, np.ndarray] | None:
         """Excluded pairs between synthetic rows ``s0:s1`` and training rows ``t0:t1``.
@@ -111,12 +122,17 @@ def _per_side(value: Any, synthetic: Source, training: Source, what: str) -> tup
     return a, b
 
 
-def slice_positions(names: tuple[str, ...] | None, groups: np.ndarray) -> np.ndarray:
-    """Slice position per image: the last number in each name, else the order within the group."""
-    if names is not None:
-        found = [_TRAILING_NUMBER.search(name) for name in names]
-        if all(found):
-            return np.array([int(m.group(1)) for m in found], dtype=np.int64)
+def slice_positions(names: tuple[str, ...] | list[str] | None) -> np.ndarray | None:
+    """Slice position of every image from names like ``subject/z078``; None unless every name has one."""
+    if names is None:
+        return None
+    found = [SLICE_NAME.search(name) for name in names]
+    if not all(found):
+        return None
+    return np.array([int(m.group(1)) for m in found], dtype=np.int64)
+
+
+def _order_within_group(groups: np.ndarray) -> np.ndarray:
     positions = np.empty(groups.shape[0], dtype=np.int64)
     for group in np.unique(groups):
         members = np.flatnonzero(groups == group)
@@ -151,6 +167,8 @@ def resolve_exclude(
         if spec.positions is not None:
             ps, pt = _per_side(spec.positions, synthetic, training, "positions")
         else:
-            ps = slice_positions(synthetic.names, gs)
-            pt = slice_positions(training.names, gt)
+            ps, pt = (
+                p if (p := slice_positions(source.names)) is not None else _order_within_group(g)
+                for source, g in ((synthetic, gs), (training, gt))
+            )
     return Exclusion(spec.self_match, spec.same_group, spec.slice_distance, gs, gt, ps, pt)

@@ -20,12 +20,12 @@ class Matches:
     Attributes
     ----------
     values : ndarray of float32, shape (N_syn, k)
-        Pearson r, descending along each row. NaN where there is no match: for a constant
+        Pearson r, exact to float32 rounding, descending along each row; values equal in float32
+        are ordered by training index. NaN where there is no match: for a constant
         synthetic image (r undefined) and where fewer than k training images were eligible
         (constant training images, excluded pairs).
     indices : ndarray of int64, shape (N_syn, k)
-        Index into the training set of each match; -1 wherever ``values`` is NaN. Ties in r are
-        ordered by training index.
+        Index into the training set of each match; -1 wherever ``values`` is NaN.
     constant_synthetic, constant_training : ndarray of int64
         Indices of constant images (every pixel equal), for which r is undefined. A constant
         training image never appears in ``indices``; a constant synthetic image has a row of NaN
@@ -74,14 +74,18 @@ class Matches:
 
 
 def sort_rows(values: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Order each row by value descending, ties by index ascending; unfilled slots become NaN / -1.
+    """Round values to float32, order each row by value descending, ties by index ascending.
 
-    ``values`` may contain -inf for slots that never received a candidate.
+    This is the one final ordering of every search and merge: values equal after rounding to
+    float32 are ties. Slots with -inf, NaN or index -1 (no candidate) go last as NaN / -1.
     """
-    order = np.lexsort((indices, -values.astype(np.float64)), axis=1)
-    values = np.take_along_axis(values, order, axis=1).astype(np.float32)
-    indices = np.take_along_axis(indices, order, axis=1).astype(np.int64)
+    values = np.asarray(values).astype(np.float32)
     empty = ~np.isfinite(values) | (indices < 0)
+    key = np.where(empty, np.inf, -values.astype(np.float64))
+    order = np.lexsort((np.where(empty, np.iinfo(np.int64).max, indices), key), axis=1)
+    values = np.take_along_axis(values, order, axis=1)
+    indices = np.take_along_axis(indices, order, axis=1).astype(np.int64)
+    empty = np.take_along_axis(empty, order, axis=1)
     values[empty] = np.nan
     indices[empty] = -1
     return values, indices
@@ -91,7 +95,8 @@ def merge_matches(parts: Iterable[Matches]) -> Matches:
     """Merge top-k results computed over disjoint parts of the training set.
 
     Every part must cover the same synthetic images with the same k and report global training
-    indices. The result is what one search over the whole training set gives.
+    indices. Values are exact (re-scored) in every part, so the top k of the union ordered by
+    :func:`sort_rows` is what one search over the whole training set gives, ties included.
     """
     parts = list(parts)
     if not parts:

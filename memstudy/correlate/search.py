@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 
 from memstudy.correlate.backends import get_backend, resolve_backend
 from memstudy.correlate.exclude import Exclude, Exclusion, resolve_exclude
-from memstudy.correlate.matches import Matches, sort_rows
+from memstudy.correlate.matches import Matches
+from memstudy.correlate.rescore import finalize, overflowing, slots_for
 from memstudy.correlate.sources import Channel, Source, check_compatible, image_size, iter_chunks, open_pair
 
 logger = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def plan_blocks(
     used = scratch + training_rows * training_row + synthetic_rows * synthetic_row
     if used > budget:
         logger.warning(
-            "chunk_mb=%s is too small for one %d-pixel image per block; using %.0f MiB",
+            "chunk_mb=%s is too small for one %d-pixel image per block; using %.2f MiB",
             chunk_mb,
             d,
             used / 2**20,
@@ -94,6 +95,19 @@ def _equal_parts(n: int, at_most: int) -> int:
 
 def _first(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
+
+
+def _rows_pairs(
+    excluded: tuple[np.ndarray, np.ndarray] | None, rows: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Excluded (row, column) pairs of a block restricted to ``rows`` of it, renumbered."""
+    if excluded is None or rows is None:
+        return excluded
+    where = np.full(max(int(rows.max()), int(excluded[0].max(initial=0))) + 1, -1)
+    where[rows] = np.arange(rows.size)
+    local = where[excluded[0]]
+    keep = local >= 0
+    return (local[keep], excluded[1][keep]) if keep.any() else None
 
 
 def search(
@@ -113,6 +127,12 @@ def search(
     ``exclusion`` works in global indices: synthetic rows from 0, training rows from
     ``training_offset``. This is the worker function of both :func:`topk_pearson` and the Dask
     search, which gives each worker a contiguous shard of the training set.
+
+    Per block of synthetic rows the backend streams the training set and keeps the best
+    :func:`~memstudy.correlate.rescore.slots_for` ``(k)`` fast scores per row; then every
+    candidate within the error bound of the k-th is re-scored exactly and the rows are ordered
+    (:func:`~memstudy.correlate.rescore.finalize`). A row whose candidate buffer filled up within
+    the bound is searched again with four times the slots, until nothing can have been dropped.
     """
     check_compatible(synthetic, training)
     d = image_size(synthetic)
@@ -123,7 +143,7 @@ def search(
         synthetic.n,
         training.n,
         d,
-        k,
+        slots_for(k),
         chunk_mb,
         synthetic_itemsize=np.dtype(synthetic.dtype).itemsize,
         training_itemsize=np.dtype(training.dtype).itemsize,
@@ -148,6 +168,7 @@ def search(
     constant_training: list[np.ndarray] = []
     ranges = [(a, min(a + plan.training_rows, training.n)) for a in range(0, training.n, plan.training_rows)]
     cached: list[tuple[int, int, Any]] = []
+    first_pass = [True]
 
     def training_chunks():
         if cached:
@@ -155,6 +176,32 @@ def search(
             return
         for t0, t1, raw in iter_chunks(training, ranges):
             yield t0, t1, engine.prepare_training(raw)
+
+    def scan(block: Any, s0: int, s1: int, rows: np.ndarray | None, slots: int, bar: Any) -> tuple:
+        """Stream the training set past ``block``; candidates and the training centring term."""
+        state = engine.new_state(block.constant.shape[0], slots)
+        offset2 = 0.0
+        for t0, t1, chunk in training_chunks():
+            if first_pass[0]:
+                if chunk.nonfinite.any():
+                    index = training_offset + t0 + _first(chunk.nonfinite)
+                    raise ValueError(f"training image {index} contains NaN or Inf")
+                constant_training.append(np.flatnonzero(chunk.constant) + training_offset + t0)
+                if len(ranges) == 1:
+                    # One chunk holds the whole training set: standardize it once for all blocks.
+                    cached.append((t0, t1, chunk))
+            if chunk.offset2 is not None and chunk.offset2.size:
+                offset2 = max(offset2, float(chunk.offset2.max()))
+            excluded = None
+            if exclusion is not None:
+                excluded = exclusion.pairs(s0, s1, training_offset + t0, training_offset + t1)
+                excluded = _rows_pairs(excluded, rows)
+            engine.update(state, block, chunk, training_offset + t0, excluded)
+            if bar is not None:
+                bar.update(block.constant.shape[0] * (t1 - t0))
+        first_pass[0] = False
+        cand_values, cand_indices = engine.result(state)
+        return np.array(cand_values, dtype=np.float64), np.array(cand_indices, dtype=np.int64), offset2
 
     # closing(): the backend gives its work buffers back however the search ends.
     with (
@@ -170,31 +217,47 @@ def search(
     ):
         for s0 in range(0, synthetic.n, plan.synthetic_rows):
             s1 = min(s0 + plan.synthetic_rows, synthetic.n)
-            block = engine.prepare_synthetic(synthetic.read(s0, s1))
+            raw = synthetic.read(s0, s1)  # kept for the re-score
+            block = engine.prepare_synthetic(raw)
             if block.nonfinite.any():
                 raise ValueError(f"synthetic image {s0 + _first(block.nonfinite)} contains NaN or Inf")
             constant_synthetic.append(np.flatnonzero(block.constant) + s0)
-            state = engine.new_state(s1 - s0, k)
-            for t0, t1, chunk in training_chunks():
-                if s0 == 0:
-                    if chunk.nonfinite.any():
-                        index = training_offset + t0 + _first(chunk.nonfinite)
-                        raise ValueError(f"training image {index} contains NaN or Inf")
-                    constant_training.append(np.flatnonzero(chunk.constant) + training_offset + t0)
-                    if len(ranges) == 1:
-                        # One chunk holds the whole training set: standardize it once for all blocks.
-                        cached.append((t0, t1, chunk))
-                excluded = None
-                if exclusion is not None:
-                    excluded = exclusion.pairs(s0, s1, training_offset + t0, training_offset + t1)
-                engine.update(state, block, chunk, training_offset + t0, excluded)
-                bar.update((s1 - s0) * (t1 - t0))
-            block_values, block_indices = sort_rows(*engine.result(state))
-            block_values[block.constant] = np.nan
-            block_indices[block.constant] = -1
+            synthetic_offset2 = np.zeros(s1 - s0) if block.offset2 is None else block.offset2
+            slots = min(slots_for(k), training.n)
+            cand_values, cand_indices, training_offset2 = scan(block, s0, s1, None, slots, bar)
+            cand_values[block.constant] = -np.inf
+            cand_indices[block.constant] = -1
+            bounds = engine.score_bound(d) + synthetic_offset2 + training_offset2
+            again = np.flatnonzero(overflowing(cand_values, cand_indices, k, bounds))
+            while again.size and slots < training.n:
+                slots = min(4 * slots, training.n)
+                logger.debug("%d synthetic rows have more near-ties than slots; now %d", again.size, slots)
+                sub = engine.prepare_synthetic(raw[again])
+                more_values, more_indices, _ = scan(sub, s0, s1, again, slots, None)
+                cand_values = _widen(cand_values, slots, -np.inf)
+                cand_indices = _widen(cand_indices, slots, -1)
+                cand_values[again], cand_indices[again] = more_values, more_indices
+                again = again[overflowing(more_values, more_indices, k, bounds[again])]
+            block_values, block_indices = finalize(
+                raw,
+                cand_values,
+                cand_indices,
+                k,
+                bounds,
+                training=None if engine.exact else training,
+                offset=training_offset,
+                batch_rows=max(plan.training_rows, 16),
+            )
             values[s0:s1] = block_values
             indices[s0:s1] = block_indices
     return Matches(values, indices, np.concatenate(constant_synthetic), np.concatenate(constant_training))
+
+
+def _widen(array: np.ndarray, width: int, fill: float) -> np.ndarray:
+    """``array`` padded on the right to ``width`` columns with ``fill``."""
+    if array.shape[1] >= width:
+        return array
+    return np.pad(array, ((0, 0), (0, width - array.shape[1])), constant_values=fill)
 
 
 def backend_for(synthetic: Any, training: Any, backend: str = "auto", channel: Channel = None) -> str:
@@ -203,8 +266,8 @@ def backend_for(synthetic: Any, training: Any, backend: str = "auto", channel: C
     return resolve_backend(backend, (syn.dtype, train.dtype), image_size(syn))
 
 
-def report_constants(matches: Matches) -> None:
-    """Log a warning naming constant images, whose correlation is undefined."""
+def report_constants(matches: Matches, exclusion: Exclusion | None = None) -> None:
+    """Log warnings naming constant images (r undefined) and rows left without k matches."""
     for side, found in (("synthetic", matches.constant_synthetic), ("training", matches.constant_training)):
         if found.size:
             shown = ", ".join(str(i) for i in found[:10]) + (", ..." if found.size > 10 else "")
@@ -215,6 +278,22 @@ def report_constants(matches: Matches) -> None:
                 "rows of NaN and index -1" if side == "synthetic" else "never matched",
                 shown,
             )
+    missing = (matches.indices < 0).sum(axis=1)
+    missing[matches.constant_synthetic] = 0
+    if missing.any():
+        why = "constant training images"
+        if exclusion is not None:
+            why = f"{exclusion.describe()} and " + why
+        empty = int(np.count_nonzero(missing == matches.k))
+        logger.warning(
+            "%d of %d synthetic image(s) got no eligible training image and %d fewer than k=%d "
+            "(excluded: %s); their missing matches are NaN / -1",
+            empty,
+            len(matches),
+            int(np.count_nonzero((missing > 0) & (missing < matches.k))),
+            matches.k,
+            why,
+        )
 
 
 def topk_pearson(
@@ -241,8 +320,9 @@ def topk_pearson(
         Matches kept per synthetic image (at most the number of training images).
     backend : {"auto", "numpy", "int8", "torch", "cupy"}
         ``auto``: CuPy when ``cupy.is_available()``, else torch on CUDA, else on the CPU ``int8``
-        for uint8/int8/bool images (exact integer products, the fastest CPU path), else ``numpy``
-        (float32 BLAS). All backends give the same answer to float32 accuracy.
+        for uint8/int8/bool images where ``torch._int_mm`` is exact (the fastest CPU path), else
+        ``numpy`` (float32 BLAS). Every backend gives the same indices and values: backends only
+        select candidates, which are then re-scored exactly.
     chunk_mb : float or None
         Working-memory budget in MiB (standardized synthetic block, training chunk, read buffers,
         score block). Default: 1024 on the CPU; on a GPU half the free device memory, at most
@@ -266,11 +346,12 @@ def topk_pearson(
     Returns
     -------
     Matches
-        ``values`` (float32, descending) and ``indices`` (int64 into ``training``), shape (N_syn, k),
+        ``values`` (float32, descending: the exact r rounded to float32) and ``indices`` (int64 into
+        ``training``; values equal in float32 by ascending index), shape (N_syn, k),
         plus the indices of constant images. A constant image has undefined r: a constant training
         image never matches; a constant synthetic image gets a row of NaN with index -1; both are
         listed in ``Matches.constant_*`` and logged as a warning. Slots left empty because of
-        ``exclude`` are NaN / -1 as well.
+        ``exclude`` are NaN / -1 as well, and a warning says how many rows have them.
 
     Raises
     ------
@@ -280,9 +361,12 @@ def topk_pearson(
     Notes
     -----
     Pearson r of two images equals the dot product of their centred, unit-norm vectors, so the
-    search is a matrix product streamed over training chunks with a running top-k. The result
-    equals ``scipy.stats.pearsonr`` to about 1e-6 (float32 products of centred data; sums by
-    pairwise or float64 summation). Equal values are ordered by training index.
+    search is a matrix product streamed over training chunks with a running top candidates. Every
+    candidate whose fast (float32) score lies within a proven error bound of the k-th best is
+    then re-scored from the raw pixels: exactly from integer sums for uint8/int8/bool images, in
+    float64 otherwise. So no member of the true top k is lost to rounding, values equal
+    ``scipy.stats.pearsonr`` rounded to float32, and the answer is the same on every backend,
+    ``chunk_mb``, Dask split and machine.
     """
     syn, train = open_pair(synthetic, training, channel)
     if not 1 <= k <= train.n:
@@ -298,5 +382,5 @@ def topk_pearson(
         progress=progress,
         device=device,
     )
-    report_constants(matches)
+    report_constants(matches, exclusion)
     return matches

@@ -67,6 +67,10 @@ class ArraySource:
         np.copyto(rows, block)
         return rows.reshape(stop - start, -1)
 
+    def take(self, indices: np.ndarray) -> np.ndarray:
+        """Images at sorted ``indices`` as a new ``(len(indices), D)`` array."""
+        return np.asarray(self.array[indices]).reshape(len(indices), -1)
+
     def subset(self, start: int, stop: int) -> ArraySource:
         """The images ``start:stop`` as a new source (a view)."""
         return replace(
@@ -129,6 +133,18 @@ class FileSource:
         finally:
             os.close(fd)
         return rows
+
+    def take(self, indices: np.ndarray) -> np.ndarray:
+        """Images at sorted ``indices`` read from disk as a ``(len(indices), D)`` array.
+
+        Runs of consecutive indices are read with one call each.
+        """
+        d = int(np.prod(self.image_shape, dtype=np.int64))
+        out = np.empty((len(indices), d), dtype=self.dtype)
+        breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+        for first, last in zip(np.r_[0, breaks], np.r_[breaks, len(indices)], strict=True):
+            self.read(int(indices[first]), int(indices[last - 1]) + 1, out[first:last])
+        return out
 
     def subset(self, start: int, stop: int) -> FileSource:
         """The images ``start:stop`` as a new source reading the same file."""

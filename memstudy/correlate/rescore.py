@@ -1,0 +1,244 @@
+"""From candidates to the answer: keep every candidate that may belong to the top k, compute its r
+exactly from the raw pixels, order by (−r, training index) and cut to k.
+
+Shared by every backend (which only select candidates) and by :func:`merge_matches`, so that the
+answer does not depend on the backend, ``chunk_mb``, the Dask split or the machine.
+
+Exact r. For uint8/int8/bool images r is computed from exact integer sums,
+``r = (D·Σxy − Σx·Σy) / sqrt((D·Σx² − (Σx)²)·(D·Σy² − (Σy)²))``: the numerator is exact in int64,
+each spread is rounded once to float64, then one product, square root and division, all
+correctly rounded IEEE operations, so every machine gives the same bits (the int8 backend uses
+the same formula). Σxy is summed in float32 over pieces of ``_EXACT_PIECE`` pixels, the synthetic
+values shifted into [-128, 127] (|x·y| ≤ 128·255 < 2¹⁵): every partial sum is an integer of
+magnitude < 2²⁴, exact in any order.
+Other dtypes: float64 centred rows, r to about 1e-15.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from memstudy.correlate.core import EXACT_DTYPES, MAX_EXACT_PIXELS, U32
+from memstudy.correlate.matches import sort_rows
+from memstudy.correlate.sources import Source
+
+#: Pixels per exactly summed float32 piece: 512 · 2¹⁵ = 2²⁴.
+_EXACT_PIECE = 512
+#: Pairs scored together: bounds the float32 copies of training rows held at once.
+_GROUP = 64
+#: Slack for ties at float32 resolution: values equal after rounding to float32 are ties.
+_FLOAT32_SLACK = 2 * U32
+
+
+def slots_for(k: int) -> int:
+    """Candidates a backend keeps per synthetic row at first: k plus room for near-ties."""
+    return 2 * k + 8
+
+
+def thresholds(values: np.ndarray, indices: np.ndarray, k: int, bounds: np.ndarray) -> np.ndarray:
+    """Per row, the lowest fast score that may still belong to the true top k.
+
+    If k candidates have fast scores ≥ τ, each has r ≥ τ − bound, so the k-th largest r is
+    ≥ τ − bound and a member of the top k has a fast score ≥ τ − 2·bound. Ties are decided at
+    float32 resolution, hence the extra slack. Rows with fewer than k candidates keep all.
+    """
+    live = np.where((indices >= 0) & np.isfinite(values), values, -np.inf)
+    if live.shape[1] < k:
+        return np.full(live.shape[0], -np.inf)
+    tau = -np.partition(-live, k - 1, axis=1)[:, k - 1]
+    return tau - 2 * bounds - _FLOAT32_SLACK
+
+
+def overflowing(values: np.ndarray, indices: np.ndarray, k: int, bounds: np.ndarray) -> np.ndarray:
+    """Rows whose full candidate buffer may have dropped a candidate above the threshold.
+
+    Every dropped candidate scored at most the lowest kept one (the buffer's floor only rises).
+    """
+    live = (indices >= 0) & np.isfinite(values)
+    floor = np.where(live, values, np.inf).min(axis=1)
+    return live.all(axis=1) & (floor >= thresholds(values, indices, k, bounds))
+
+
+def _is_exact(dtype: np.dtype, d: int) -> bool:
+    return np.dtype(dtype) in EXACT_DTYPES and d <= MAX_EXACT_PIXELS
+
+
+def _shift(dtype: np.dtype) -> int:
+    """What :func:`_pieces` subtracts from pixels of ``dtype`` with ``shift=True``."""
+    return 128 if dtype == np.uint8 else 0
+
+
+def _pieces(raw: np.ndarray, out: np.ndarray, shift: bool) -> np.ndarray:
+    """8-bit rows as float32 (shifted into [-128, 127] with ``shift``), zero-padded to whole
+    pieces ``(n, q, piece)``."""
+    n, d = raw.shape
+    flat = out.reshape(n, -1)
+    np.copyto(flat[:, :d], raw, casting="unsafe")
+    if shift and raw.dtype == np.uint8:
+        flat[:, :d] -= 128  # a plain cast, then a float32 subtraction: faster than a mixed one
+    flat[:, d:] = 0
+    return out
+
+
+class _Scratch(threading.local):
+    """Piece buffers reused from pair to pair (fresh pages cost more than the sums); per thread, so
+    that concurrent searches never share one."""
+
+    def get(self, n: int, d: int) -> np.ndarray:
+        q = -(-d // _EXACT_PIECE)
+        buffer = getattr(self, "buffer", None)
+        if buffer is None or buffer.shape[0] < n or buffer.shape[1] != q:
+            buffer = self.buffer = np.empty((n, q, _EXACT_PIECE), dtype=np.float32)
+        return buffer[:n]
+
+
+def exact_r(num: np.ndarray, spread_x: np.ndarray, spread_y: np.ndarray) -> np.ndarray:
+    """r from the exact int64 numerator and spreads (D·Σx² − (Σx)²), as the module docstring says."""
+    return num.astype(np.float64) / np.sqrt(spread_x.astype(np.float64) * spread_y.astype(np.float64))
+
+
+def _piece_stats(p: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact Σv and D·Σv² − (Σv)² (int64) of shifted rows in pieces (every piece sum is exact)."""
+    sums = p.sum(axis=2).sum(axis=1, dtype=np.float64).astype(np.int64)
+    squares = np.einsum("nqp,nqp->nq", p, p).sum(axis=1, dtype=np.float64).astype(np.int64)
+    return sums, d * squares - sums * sums
+
+
+def _integer_stats(raw: np.ndarray, rows: np.ndarray, scratch: _Scratch) -> tuple[np.ndarray, np.ndarray]:
+    """Exact Σy (unshifted) and D·Σy² − (Σy)² of 8-bit ``raw[rows]``, a few rows at a time."""
+    d = raw.shape[1]
+    sums = np.empty(rows.size, dtype=np.int64)
+    spreads = np.empty(rows.size, dtype=np.int64)
+    step = 16  # rows converted at a time: a few MB that stay in cache
+    for a in range(0, rows.size, step):
+        p = _pieces(raw[rows[a : a + step]], scratch.get(min(step, rows.size - a), d), shift=True)
+        sums[a : a + step], spreads[a : a + step] = _piece_stats(p, d)
+    # The spread does not change with a shift; the sum does.
+    return sums + _shift(raw.dtype) * d, spreads
+
+
+def _float_rows(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 centred rows and their norms."""
+    rows = raw.astype(np.float64)
+    rows -= rows.mean(axis=1, keepdims=True)
+    return rows, np.sqrt(np.einsum("nd,nd->n", rows, rows))
+
+
+def exact_pairs(
+    synthetic: np.ndarray,
+    rows: np.ndarray,
+    training: Source,
+    cols: np.ndarray,
+    batch_rows: int,
+) -> np.ndarray:
+    """Exact r of the pairs (``synthetic[rows[p]]``, training image ``cols[p]``), float64.
+
+    Pairs come row by row (``rows`` non-decreasing). A file source is read ``batch_rows`` images
+    at a time (sorted, consecutive ones in one read); an in-memory one is used in place.
+    """
+    out = np.empty(rows.size, dtype=np.float64)
+    if rows.size == 0:
+        return out
+    unique = np.unique(cols)
+    if training.in_memory:
+        _score_batch(synthetic, rows, cols, training.read(0, training.n), unique, cols, out)
+        return out
+    step = max(1, batch_rows)
+    for a in range(0, unique.size, step):
+        batch = unique[a : a + step]
+        selected = np.flatnonzero((cols >= batch[0]) & (cols <= batch[-1]))
+        local = np.searchsorted(batch, cols[selected])
+        part = np.empty(selected.size, dtype=np.float64)
+        _score_batch(
+            synthetic, rows[selected], local, training.take(batch), np.arange(batch.size), local, part
+        )
+        out[selected] = part
+    return out
+
+
+def _score_batch(
+    synthetic: np.ndarray,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    training: np.ndarray,
+    used: np.ndarray,
+    used_cols: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """Exact r of pairs (``synthetic[rows[p]]``, ``training[cols[p]]``) into ``out``.
+
+    ``used`` lists the training rows that occur (sorted), ``used_cols`` is ``cols`` again: the
+    integer statistics are computed once per ``used`` row and looked up with ``searchsorted``.
+    """
+    d = synthetic.shape[1]
+    exact = _is_exact(synthetic.dtype, d) and _is_exact(training.dtype, d)
+    at_all = np.searchsorted(used, used_cols)
+    scratch = _Scratch()
+    if exact:
+        t_sums, t_spread = _integer_stats(training, used, scratch)
+    # Pairs of one synthetic row, at most _GROUP at a time (rows with many near-ties).
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]] | (np.arange(rows.size) % _GROUP == 0))
+    groups = list(zip(starts, np.r_[starts[1:], rows.size], strict=True))
+
+    def score(group: tuple[int, int]) -> None:
+        a, b = group
+        i, at = rows[a], at_all[a:b]
+        if exact:
+            buffer = scratch.get(b - a + 2, d)
+            x = _pieces(synthetic[i : i + 1], buffer[:1], shift=True)[0]
+            # The unshifted x rides along as one more row: Σx'·x = Σx'² + shift·Σx' gives Σx'².
+            y = _pieces(np.concatenate([training[cols[a:b]], synthetic[i : i + 1]]), buffer[1:], shift=False)
+            # (q, m, piece) @ (q, piece, 1): one exact float32 sum per piece, added in float64;
+            # D·Σx'y − Σx'·Σy with x' = x − shift is the numerator of x and y (shift-invariant).
+            dots = np.matmul(y.transpose(1, 0, 2), x[:, :, None])[:, :, 0]
+            sxy = dots.sum(axis=0, dtype=np.float64).astype(np.int64)
+            x_sum = int(np.add.reduce(synthetic[i], dtype=np.int64)) - _shift(synthetic.dtype) * d
+            x_squares = sxy[-1] - _shift(synthetic.dtype) * x_sum
+            x_spread = np.int64(d * x_squares - x_sum * x_sum)
+            out[a:b] = exact_r(d * sxy[:-1] - x_sum * t_sums[at], x_spread, t_spread[at])
+        else:
+            x, x_norm = _float_rows(synthetic[i : i + 1])
+            y, y_norm = _float_rows(training[cols[a:b]])
+            dots = np.einsum("md,d->m", y, x[0])
+            out[a:b] = np.clip(dots / (x_norm[0] * y_norm), -1.0, 1.0)
+
+    # One thread: the pairs are bound by memory traffic, and a second thread measured no faster.
+    for group in groups:
+        score(group)
+
+
+def finalize(
+    synthetic: np.ndarray,
+    values: np.ndarray,
+    indices: np.ndarray,
+    k: int,
+    bounds: np.ndarray,
+    *,
+    training: Source | None,
+    offset: int = 0,
+    batch_rows: int = 1024,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The top k of each row from its candidates: keep, re-score exactly, order, cut.
+
+    ``values``/``indices``: candidates (fast scores, global training indices; -1 or -inf for
+    empty slots), ``bounds`` per row the bound on |fast − r|. ``training`` is the source the
+    candidates index (from ``offset``); None means the fast scores are the exact values already.
+    Returns float32 values and int64 indices, shape (n, k).
+    """
+    live = (indices >= 0) & np.isfinite(values)
+    keep = live & (values >= thresholds(values, indices, k, bounds)[:, None])
+    rows, slots = np.nonzero(keep)
+    exact = values[rows, slots].astype(np.float64)
+    if training is not None:
+        exact = exact_pairs(synthetic, rows, training, indices[rows, slots] - offset, batch_rows)
+    kept_values = np.full(values.shape, -np.inf, dtype=np.float64)
+    kept_values[rows, slots] = exact
+    kept_indices = np.where(keep, indices, -1)
+    out_values, out_indices = sort_rows(kept_values, kept_indices)
+    if out_values.shape[1] < k:
+        pad = k - out_values.shape[1]
+        out_values = np.pad(out_values, ((0, 0), (0, pad)), constant_values=np.nan)
+        out_indices = np.pad(out_indices, ((0, 0), (0, pad)), constant_values=-1)
+    return out_values[:, :k], out_indices[:, :k]
