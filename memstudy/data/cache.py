@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from memstudy.atomic import make_temp_dir, replace_durably, write_json
-from memstudy.data.imageset import IMAGES_FILE, META_FILE, ImageSet
+from memstudy.atomic import make_temp_dir, replace_durably
+from memstudy.data.imageset import IMAGES_FILE, META_FILE, ImageSet, write_meta
 
 log = logging.getLogger(__name__)
 
@@ -96,16 +96,7 @@ class ImageSetWriter:
         out.flush()
         del out, raw
         self._raw_path.unlink()
-        write_json(
-            self.directory / META_FILE,
-            {
-                "names": self.names,
-                "groups": self.groups,
-                "channels": list(self.channels),
-                "shape": list(shape),
-                "provenance": provenance,
-            },
-        )
+        write_meta(self.directory, self.names, self.groups, self.channels, shape, provenance)
 
 
 def cached_imageset(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,16 +96,7 @@ class ImageSet:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_npy(directory / IMAGES_FILE, self.images)
-        write_json(
-            directory / META_FILE,
-            {
-                "names": list(self.names),
-                "groups": self.groups.tolist(),
-                "channels": list(self.channels),
-                "shape": list(self.images.shape),
-                "provenance": self.provenance,
-            },
-        )
+        write_meta(directory, self.names, self.groups, self.channels, self.images.shape, self.provenance)
         return directory
 
     @classmethod
@@ -128,3 +120,28 @@ class ImageSet:
             tuple(meta["channels"]),
             meta.get("provenance", {}),
         )
+
+
+def write_meta(
+    directory: str | os.PathLike,
+    names: Sequence[str],
+    groups: Sequence[int] | np.ndarray,
+    channels: Sequence[str],
+    shape: Sequence[int],
+    provenance: dict,
+) -> None:
+    """Write an ImageSet folder's ``meta.json`` (atomically); writers call it after ``images.npy``.
+
+    Every writer of ImageSet folders (``ImageSet.save``, the data cache, streamed samples) uses this,
+    so the format has one definition beside :meth:`ImageSet.load`, which reads it.
+    """
+    write_json(
+        Path(directory) / META_FILE,
+        {
+            "names": list(names),
+            "groups": np.asarray(groups).tolist(),
+            "channels": list(channels),
+            "shape": [int(x) for x in shape],
+            "provenance": provenance,
+        },
+    )

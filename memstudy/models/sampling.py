@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from memstudy.atomic import make_temp_dir, replace_durably, write_json
-from memstudy.data.imageset import IMAGES_FILE, META_FILE, ImageSet
+from memstudy.atomic import make_temp_dir, replace_durably
+from memstudy.data.imageset import IMAGES_FILE, ImageSet, write_meta
 from memstudy.models import ddpm, stylegan
 from memstudy.models.configs import DDPMConfig, TrainingConfig, resolve_config
 from memstudy.models.distributed import resolve_device
@@ -197,15 +197,7 @@ def sample(
             return ImageSet(images, names, np.arange(n), tuple(params["channels"]), provenance)
         images.flush()
         del images
-        # The same meta.json as ImageSet.save, written last.
-        meta = {
-            "names": names,
-            "groups": list(range(n)),
-            "channels": list(params["channels"]),
-            "shape": [n, *shape],
-            "provenance": provenance,
-        }
-        write_json(staging / META_FILE, meta)
+        write_meta(staging, names, np.arange(n), params["channels"], (n, *shape), provenance)
         replace_durably(staging, out)
         staging = None
     finally:
