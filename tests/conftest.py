@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import nibabel as nib
@@ -201,3 +202,37 @@ def blobs():
     yy, xx = np.mgrid[:16, :16]
     discs = [np.clip(1.3 - np.hypot(yy - 4 - 8 * (k // 2), xx - 4 - 8 * (k % 2)) / 5, 0, 1) for k in range(4)]
     return ImageSet((np.stack(discs)[:, None] * 255).astype(np.uint8), list("abcd"), range(4), ["x"])
+
+
+@pytest.fixture
+def restore_log_levels():
+    """``memstudy.cli.main`` sets logger levels for the process; put them back for the other tests."""
+    loggers = [logging.getLogger(), logging.getLogger("memstudy")]
+    levels = [logger.level for logger in loggers]
+    yield
+    for logger, level in zip(loggers, levels, strict=True):
+        logger.setLevel(level)
+
+
+def _trainer_tensors(result) -> dict:
+    """Every tensor of a trained run's state (weights, EMA, optimizer moments), flattened by key."""
+    import torch
+
+    flat = {}
+
+    def walk(prefix, value):
+        if isinstance(value, torch.Tensor):
+            flat[prefix] = value
+        elif isinstance(value, dict | list):
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for k, v in items:
+                walk(f"{prefix}/{k}", v)
+
+    walk("", result.trainer.state_dict())
+    return flat
+
+
+@pytest.fixture
+def trainer_tensors():
+    """``trainer_tensors(result)``: a train() result's state tensors by key, for exact comparisons."""
+    return _trainer_tensors

@@ -14,15 +14,7 @@ import pytest
 from memstudy.cli import main
 from memstudy.correlate import command as correlate_command
 
-
-@pytest.fixture(autouse=True)
-def restore_log_levels():
-    """``main`` sets logger levels for the process; put them back for the other tests."""
-    loggers = [logging.getLogger(), logging.getLogger("memstudy")]
-    levels = [logger.level for logger in loggers]
-    yield
-    for logger, level in zip(loggers, levels, strict=True):
-        logger.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_log_levels")
 
 
 def run(argv: list, capsys) -> tuple[int, str, str]:

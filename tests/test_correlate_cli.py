@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import math
 import os
 import re
@@ -35,14 +34,7 @@ from memstudy.data import ImageSet
 R_TOLERANCE = 1e-5  # see the module docstring
 
 
-@pytest.fixture(autouse=True)
-def restore_log_levels():
-    """``main`` sets logger levels for the process; put them back for the other tests."""
-    loggers = [logging.getLogger(), logging.getLogger("memstudy")]
-    levels = [logger.level for logger in loggers]
-    yield
-    for logger, level in zip(loggers, levels, strict=True):
-        logger.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_log_levels")
 
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:

@@ -17,24 +17,10 @@ from memstudy.models.runs import bookkeeping_fields
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _state(result) -> dict[str, torch.Tensor]:
-    """Every tensor of a trainer's state (weights, EMA, optimizer moments), flattened by key."""
-    flat = {}
-
-    def walk(prefix, value):
-        if isinstance(value, torch.Tensor):
-            flat[prefix] = value
-        elif isinstance(value, dict | list):
-            items = value.items() if isinstance(value, dict) else enumerate(value)
-            for k, v in items:
-                walk(f"{prefix}/{k}", v)
-
-    walk("", result.trainer.state_dict())
-    return flat
-
-
 @pytest.mark.parametrize("damage", ["empty", "half"])
-def test_resume_skips_a_truncated_newest_checkpoint(tmp_path, training_images, train_tiny, caplog, damage):
+def test_resume_skips_a_truncated_newest_checkpoint(
+    tmp_path, training_images, train_tiny, trainer_tensors, caplog, damage
+):
     options = {"checkpoint_every": 2, "keep_checkpoints": [2]}
     straight = train_tiny("stylegan", training_images, tmp_path / "straight", 6, **options)
     run = tmp_path / "run"
@@ -49,7 +35,7 @@ def test_resume_skips_a_truncated_newest_checkpoint(tmp_path, training_images, t
     assert "step_00000004.pt does not load" in caplog.text
     # Kept aside for inspection, out of the checkpoints' way, not silently deleted.
     assert (run / "checkpoints" / "step_00000004.pt.unreadable").read_bytes() == damaged
-    a, b = _state(straight), _state(resumed)
+    a, b = trainer_tensors(straight), trainer_tensors(resumed)
     assert a.keys() == b.keys() and len(a) > 10
     assert not [k for k in a if not torch.equal(a[k], b[k])]
     assert [r["step"] for r in read_log(run)] == list(range(1, 7))

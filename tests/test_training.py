@@ -29,24 +29,6 @@ from memstudy.models.training import derive_seed
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _weights(result) -> dict[str, torch.Tensor]:
-    """Every tensor of a trainer's state (weights, EMA, optimizer moments), flattened by key."""
-    flat = {}
-
-    def walk(prefix, value):
-        if isinstance(value, torch.Tensor):
-            flat[prefix] = value
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}/{k}", v)
-        elif isinstance(value, list):
-            for i, v in enumerate(value):
-                walk(f"{prefix}/{i}", v)
-
-    walk("", result.trainer.state_dict())
-    return flat
-
-
 def test_uint8_round_trip_through_model_range_is_exact():
     levels = np.arange(256, dtype=np.uint8).reshape(1, 1, 16, 16)
     x = to_model_range(levels)
@@ -58,14 +40,14 @@ def test_uint8_round_trip_through_model_range_is_exact():
 
 @pytest.mark.parametrize("model", ["ddpm", "stylegan"])
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(
-    tmp_path, training_images, model, train_tiny
+    tmp_path, training_images, model, train_tiny, trainer_tensors
 ):
     # With mirroring on, so that the flips of a resumed run are those of the uninterrupted one too.
     straight = train_tiny(model, training_images, tmp_path / "straight", 6, mirror=True)
     train_tiny(model, training_images, tmp_path / "resumed", 3, mirror=True)
     resumed = train_tiny(model, training_images, tmp_path / "resumed", 6, mirror=True)
 
-    a, b = _weights(straight), _weights(resumed)
+    a, b = trainer_tensors(straight), trainer_tensors(resumed)
     assert a.keys() == b.keys() and len(a) > 10
     mismatched = [k for k in a if not torch.equal(a[k], b[k])]
     assert not mismatched, f"resume differs in {mismatched[:5]}"
@@ -75,7 +57,9 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(
     ]
 
 
-def test_killed_training_resumes_from_its_last_checkpoint(tmp_path, training_images, monkeypatch, train_tiny):
+def test_killed_training_resumes_from_its_last_checkpoint(
+    tmp_path, training_images, monkeypatch, train_tiny, trainer_tensors
+):
     straight = train_tiny("ddpm", training_images, tmp_path / "straight", 6)
 
     original = DDPMTrainer.train_step
@@ -92,7 +76,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path, training_ima
     monkeypatch.setattr(DDPMTrainer, "train_step", original)
 
     resumed = train_tiny("ddpm", training_images, tmp_path / "killed", 6, checkpoint_every=2)
-    a, b = _weights(straight), _weights(resumed)
+    a, b = trainer_tensors(straight), trainer_tensors(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in read_log(tmp_path / "killed")] == list(range(1, 7))
 
