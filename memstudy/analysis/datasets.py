@@ -1,4 +1,4 @@
-"""Summaries of datasets and of memorization measurements."""
+"""Summaries of datasets: counts, and how alike slices of one volume and images of different subjects are."""
 
 from __future__ import annotations
 
