@@ -1,4 +1,4 @@
-"""Plotly figures for the book; every one renders without a kernel."""
+"""Figures of the data chapter: example images, images per subject, neighbour correlations."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from memstudy.data import ImageSet
+from memstudy.figures.images import middle_slice
 
 
 def _mosaic(tiles: list[np.ndarray], columns: int, gap: int = 2) -> np.ndarray:
@@ -17,11 +18,6 @@ def _mosaic(tiles: list[np.ndarray], columns: int, gap: int = 2) -> np.ndarray:
         r, c = divmod(i, columns)
         out[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = tile
     return out
-
-
-def middle_slice(image: np.ndarray) -> np.ndarray:
-    """A 2D view of one channel: the image itself, or the middle axial slice of a volume."""
-    return image if image.ndim == 2 else image[image.shape[0] // 2]
 
 
 def example_images(imageset: ImageSet, *, n_examples: int = 4, seed: int = 0, title: str = "") -> go.Figure:
