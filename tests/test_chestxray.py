@@ -11,7 +11,7 @@ from conftest import write_xray
 from PIL import Image
 
 from memstudy.data import load_chestxray
-from memstudy.data.chestxray import stratified_patient_order
+from memstudy.data.chestxray import patient_key, stratified_patient_order
 
 
 def test_reads_the_split_and_ignores_macos_clutter_and_the_nested_copy(kermany_root):
@@ -38,6 +38,23 @@ def test_images_of_one_patient_share_a_group(kermany_root):
     assert groups[0] == groups[1]  # IM-0001-0001 and IM-0001-0002
     assert groups[3] == groups[4]  # person1_bacteria_1 and _2
     assert len(set(groups)) == 4
+
+
+def test_a_patients_group_is_the_same_in_every_split_and_subset(kermany_root):
+    # Numbered per load, train and test would give different children the same group, and a
+    # held-out baseline would see shared subjects (or miss really shared ones).
+    def by_patient(imageset):
+        pairs = zip(imageset.names, imageset.groups.tolist(), strict=True)
+        return {patient_key(*name.split("/")): group for name, group in pairs}
+
+    for name in ("IM-0001-0001.jpeg", "IM-0001-0002.jpeg"):  # the test split lacks one patient
+        (kermany_root / "chest_xray" / "test" / "NORMAL" / name).unlink()
+    train = by_patient(load_chestxray(kermany_root, size=16, progress=False))
+    test = by_patient(load_chestxray(kermany_root, split="test", size=16, progress=False))
+    subset = by_patient(load_chestxray(kermany_root, size=16, n_subjects=2, progress=False))
+    assert len(test) == 3 and test.items() <= train.items()  # same patient names, same groups
+    assert subset.items() <= train.items()
+    assert len(set(train.values())) == len(train) == 4
 
 
 def test_resize_centre_crops_to_a_square_before_resizing(kermany_root):

@@ -17,7 +17,7 @@ from memstudy.data.phantoms import CXR_PHANTOM_VERSION, chest_xray_phantom_image
 
 RECORDED = {
     "brats": (2, "3f7ea35a145d04c7435cd224f8ca8edef7560ca78027d9aa0e99b64cd2ec8b89"),
-    "chestxray": (2, "851df3977eaf4453f3ca92abae723cb5445cc844cf916f21a9d5f543e036a722"),
+    "chestxray": (3, "88276b05ee4f223c451e592e4b41f2d76f4d19d20cf02a588b505b217f72241b"),
     "cxr-phantom": (2, "9d803359d9880ec81e3d52fe40dae69f9d84b2ca6302d7bc482a87472e4ded45"),
 }
 

@@ -7,6 +7,7 @@ to ``size`` × ``size`` with a Lanczos filter (anti-aliased), so anatomy keeps i
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -30,7 +31,7 @@ BATCH = 64
 #: Seed of the class-stratified patient order that ``n_subjects`` takes its patients from.
 SUBSET_SEED = 0
 #: Bump when the loader's output for the same files and options changes (it is part of the cache key).
-PIPELINE_VERSION = 2
+PIPELINE_VERSION = 3
 
 
 def find_split_dir(root: str | os.PathLike, split: str) -> Path:
@@ -75,6 +76,15 @@ def patient_key(label: str, filename: str) -> str:
     """Patient of a Kermany file: ``person12_virus_34`` → person12; ``IM-0115-0001`` → IM-0115."""
     match = re.match(r"(person\d+)_", filename) or re.match(r"((?:NORMAL2-)?IM-\d+)-", filename)
     return f"{label}/{match.group(1)}" if match else f"{label}/{filename}"
+
+
+def patient_group(key: str) -> int:
+    """A patient's group number: the same in every split and every subset (a 63-bit hash of the key).
+
+    Numbering patients within each load would give the ``train`` and ``test`` splits the same
+    numbers for different children, and a held-out baseline would then see shared subjects.
+    """
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") >> 1
 
 
 def read_xray(path: Path, size: int) -> np.ndarray:
@@ -171,7 +181,8 @@ def load_chestxray(
     -------
     ImageSet
         uint8 images ``(N, 1, size, size)``, channel ``"gray"``, names ``CLASS/file.jpeg``, ``groups``
-        = patient id (Kermany names tie several images to one child), class per image in
+        = the patient (Kermany names tie several images to one child) as :func:`patient_group`, the
+        same number in every split and subset, class per image in
         ``provenance["classes"]``. Cached on disk.
     """
     if on_error not in ("raise", "skip"):
@@ -179,9 +190,10 @@ def load_chestxray(
     if size < 8:
         raise ValueError(f"size must be at least 8 pixels, got {size}")
     entries = list_images(find_split_dir(root, split), tuple(classes))
-    patients: dict[str, int] = {}  # patient id -> group number, in class, file order
+    patients: dict[str, int] = {}  # patient id -> group number
     for label, path in entries:
-        patients.setdefault(patient_key(label, path.name), len(patients))
+        key = patient_key(label, path.name)
+        patients.setdefault(key, patient_group(key))
     if n_subjects is not None:
         if not 1 <= n_subjects <= len(patients):
             raise ValueError(f"n_subjects={n_subjects}, but the {split} split has {len(patients)} patients")
