@@ -448,6 +448,18 @@ def test_dataset_name_opens_the_cache_that_data_prepare_made(
     assert len(list((isolated_cache / "imagesets").iterdir())) == 1
 
 
+def test_a_sample_folder_is_correlated_with_a_prepared_dataset_name(brats20_root, tmp_path, capsys):
+    # --root/--data-option describe TRAIN (the name); the SYNTH ImageSet folder must not refuse them.
+    prepared = prepare_small_brats(brats20_root, capsys)
+    prepared.subset([5, 2]).save(tmp_path / "samples")
+    out = tmp_path / "matches.csv"
+    options = ["--root", brats20_root, "--data-option", "pad_to=32", "--data-option", "size=16"]
+    status, _, err = run(["correlate", tmp_path / "samples", "brats20", *options, "-o", out], capsys)
+
+    assert status == 0, err
+    assert [row["training"] for row in read_csv(out)] == [prepared.names[5], prepared.names[2]]
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

@@ -78,7 +78,8 @@ def load_input(
         if path.suffix.lower() in IMAGE_SUFFIXES:
             raise ValueError(f"{role}: {path} is one image; pass the folder that holds the images")
         raise ValueError(f"{role}: {path} is neither a folder of images nor a .npy file")
-    imageset = open_data(spec, args, what=role, progress=not args.no_progress)
+    # --root/--data-option belong to the dataset-name argument (checked by _check_data_options_apply).
+    imageset = open_data(spec, args, what=role, progress=not args.no_progress, options_for_names_only=True)
     return Input(imageset, imageset.names, groups=imageset.groups, channels=imageset.channels)
 
 

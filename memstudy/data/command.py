@@ -139,7 +139,14 @@ def check_data_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     return checked
 
 
-def open_data(spec: str, args: argparse.Namespace, *, what: str = "DATA", progress: bool = True) -> ImageSet:
+def open_data(
+    spec: str,
+    args: argparse.Namespace,
+    *,
+    what: str = "DATA",
+    progress: bool = True,
+    options_for_names_only: bool = False,
+) -> ImageSet:
     """Open a saved ImageSet folder or a dataset name with the options of :func:`add_data_options`.
 
     A dataset name is loaded through the cache with ``--root`` and the ``--data-option`` values, so
@@ -155,6 +162,9 @@ def open_data(spec: str, args: argparse.Namespace, *, what: str = "DATA", progre
         The argument's name in error messages (e.g. ``"TRAIN"``).
     progress : bool
         Show a progress bar while a dataset is prepared.
+    options_for_names_only : bool
+        For commands with several data arguments (``correlate SYNTH TRAIN``): the options belong to
+        whichever argument is a dataset name, so a folder ignores them instead of refusing them.
 
     Raises
     ------
@@ -172,7 +182,7 @@ def open_data(spec: str, args: argparse.Namespace, *, what: str = "DATA", progre
             raise FileNotFoundError(f"{what}: {spec} does not exist{names}")
         if not (path / META_FILE).is_file():
             raise ValueError(f"{what}: {spec} is not a saved ImageSet folder (no {META_FILE})")
-        if args.root is not None or options:
+        if (args.root is not None or options) and not options_for_names_only:
             raise ValueError(
                 f"{what}: --root and --data-option apply to dataset names, not to the folder {spec}"
             )
