@@ -20,6 +20,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -159,8 +160,11 @@ def build_book(
     if strict:
         command += ["-W", "-n", "--keep-going", "--all"]
     logger.info("building the book: jupyter-book %s", " ".join(command[3:]))
+    # Sphinx puts the year of SOURCE_DATE_EPOCH into the copyright line: the footer shows the build
+    # year instead of the one typed in _config.yml. A caller's own value (reproducible builds) wins.
+    env = {**os.environ, "SOURCE_DATE_EPOCH": os.environ.get("SOURCE_DATE_EPOCH", str(int(time.time())))}
     result = subprocess.run(
-        command, cwd=source, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False
+        command, cwd=source, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False
     )
     log = _ANSI.sub("", result.stdout)
     log_path = output / "_build" / "build.log"

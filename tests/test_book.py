@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import html
 import json
 import re
@@ -86,6 +87,12 @@ def test_plotly_figure_widget_state_and_math_reach_the_page(book_html):
     models = {model["model_name"] for model in json.loads(state.group(1))["state"].values()}
     assert {"StackModel", "TabModel", "DropdownModel", "LinkModel", "ImageModel", "HTMLModel"} <= models
     assert r"\(x^2\)" in page
+
+
+@pytest.mark.slow
+def test_footer_copyright_year_is_the_build_year(book_html):
+    footer = re.search(r"©\s*Copyright\s*(\d{4})", (book_html / PAGE).read_text())
+    assert footer and int(footer.group(1)) == datetime.date.today().year
 
 
 @pytest.mark.slow
