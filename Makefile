@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install book test lint clean
+.PHONY: install book lab test lint clean
 
 install: $(INSTALLED)
 
@@ -19,6 +19,11 @@ $(INSTALLED): pyproject.toml constraints.txt
 book: install
 	$(BIN)/memstudy study --plan plans/default.yaml
 	$(BIN)/memstudy book
+
+# JupyterLab on the step notebooks; the kernel `memstudy` (installed above into the venv) runs them.
+# JupyterLab refuses to run as root unless told (containers often run as root).
+lab: install
+	$(BIN)/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 lint: install
 	$(BIN)/ruff check .

@@ -67,8 +67,12 @@ def shown_order(report: MemorizationReport, order: str, max_images: int, seed: i
     return np.argsort(key, kind="stable")[:max_images]
 
 
-def _ecdf_svg(holdout: np.ndarray, threshold: float, low: float) -> str:
-    """An inline SVG of the held-out ECDF of max r on [low, 1], with the threshold and an empty marker."""
+def ecdf_svg(holdout: np.ndarray, threshold: float, low: float, *, marker: float | None = None) -> str:
+    """An inline SVG of the held-out ECDF of max r on [low, 1], with the threshold and a marker.
+
+    The marker line sits at ``marker`` (an r value) when given, else at the left edge for a script
+    to move (the static browser does so as the reader steps through images).
+    """
     values = np.sort(holdout[np.isfinite(holdout)])
 
     def x(r: float) -> float:
@@ -86,12 +90,13 @@ def _ecdf_svg(holdout: np.ndarray, threshold: float, low: float) -> str:
         if math.isfinite(threshold)
         else ""
     )
+    at = x(marker) if marker is not None and math.isfinite(marker) else 0
     return (
         f'<svg class="msb-ecdf" width="{_ECDF_WIDTH}" height="{_ECDF_HEIGHT}" '
         f'viewBox="0 0 {_ECDF_WIDTH} {_ECDF_HEIGHT}" role="img">'
         f"<title>held-out → train max r (ECDF), calibrated threshold and this image</title>"
         f'<polyline points="{" ".join(points)}" class="msb-curve"/>{threshold_line}'
-        f'<line x1="0" x2="0" y1="{top}" y2="{bottom}" class="msb-marker"/>'
+        f'<line x1="{at}" x2="{at}" y1="{top}" y2="{bottom}" class="msb-marker"/>'
         f'<text x="0" y="{_ECDF_HEIGHT - 2}">{low:.2f}</text>'
         f'<text x="{_ECDF_WIDTH}" y="{_ECDF_HEIGHT - 2}" text-anchor="end">1.00</text></svg>'
     )
@@ -252,15 +257,15 @@ def match_browser_html(
         last=max(len(items) - 1, 0),
         selected_max_r=" selected" if order == "max_r" else "",
         selected_random=" selected" if order == "random" else "",
-        svg=_ecdf_svg(report.holdout_max_r, report.threshold, low),
+        svg=ecdf_svg(report.holdout_max_r, report.threshold, low),
         quantile=f"{100 * report.quantile:g}",
         payload=payload,
         script=_SCRIPT.replace("__UID__", uid),
-        style=_STYLE,
+        style=STYLE,
     )
 
 
-_STYLE = """
+STYLE = """
 .msb{font:13px/1.4 system-ui,sans-serif;border:1px solid #ccc;border-radius:6px;padding:10px;outline:none}
 .msb:focus{border-color:#4a7bd0}
 .msb h4{margin:0 0 4px}

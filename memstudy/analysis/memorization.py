@@ -221,7 +221,7 @@ def _quantile(values: np.ndarray, q: float) -> float:
     return float(np.quantile(finite, q)) if finite.size else np.nan
 
 
-class _Cost:
+class SearchCost:
     """Counts engine calls and the image pairs they score (the price of transforms, stated)."""
 
     def __init__(self) -> None:
@@ -234,13 +234,13 @@ class _Cost:
         return topk_pearson(query, training, k, progress=False, **options)
 
 
-def _match_set(
+def match_set(
     query: np.ndarray,
     training: np.ndarray,
     training_groups: np.ndarray,
     k: int,
     transforms: tuple[Transform, ...],
-    cost: _Cost,
+    cost: SearchCost,
 ) -> SetMatches:
     """Top-k matches, best r over transforms and the margin to the best other-subject match.
 
@@ -420,7 +420,7 @@ def memorization_report(
     def pick(images: np.ndarray) -> np.ndarray:
         return images if c is None else images[:, c]
 
-    cost = _Cost()
+    cost = SearchCost()
     kept = np.arange(len(training))
     if dedup_threshold is not None:
         first, second, _ = near_duplicate_pairs(pick(training.images), threshold=dedup_threshold)
@@ -431,8 +431,8 @@ def memorization_report(
     if not 1 <= k <= len(kept):
         raise ValueError(f"k={k} must be between 1 and the number of training images ({len(kept)})")
 
-    syn = _match_set(pick(syn_images), train_images, groups, k, transforms, cost)
-    held = _match_set(pick(holdout.images), train_images, groups, k, transforms, cost)
+    syn = match_set(pick(syn_images), train_images, groups, k, transforms, cost)
+    held = match_set(pick(holdout.images), train_images, groups, k, transforms, cost)
     train_max_r = (
         cost.topk(train_images, train_images, 1, exclude=Exclude(same_group=True, groups=groups))
         .values[:, 0]

@@ -6,6 +6,7 @@ same files, ignore the same clutter and give the same errors.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -73,10 +74,11 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     return size
 
 
-def read_gray(path: str | os.PathLike) -> np.ndarray:
+def read_gray(path: str | os.PathLike, content: bytes | None = None) -> np.ndarray:
     """Read an image file as uint8 grayscale, shape ``(height, width)``, 0–255.
 
-    Colour images are converted to luminance (Pillow's ITU-R 601-2 weights).
+    Colour images are converted to luminance (Pillow's ITU-R 601-2 weights). With ``content``
+    (an uploaded file's bytes) those bytes are decoded and ``path`` only names them in errors.
 
     Raises
     ------
@@ -86,7 +88,7 @@ def read_gray(path: str | os.PathLike) -> np.ndarray:
     """
     path = Path(path)
     try:
-        with Image.open(path) as image:
+        with Image.open(path if content is None else io.BytesIO(content)) as image:
             mode = image.mode
             if mode not in _WIDE_MODES:
                 return np.asarray(image.convert("L"), dtype=np.uint8)
