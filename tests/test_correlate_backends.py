@@ -453,3 +453,45 @@ def test_cupy_backend_reports_nan_input_by_index():
     training[123, 1, 2, 3] = np.nan
     with pytest.raises(ValueError, match="training image 123 contains NaN"):
         topk_pearson(synthetic, training, backend="cupy")
+
+
+def test_sum_of_squares_stays_within_the_norm_error_the_score_bound_allows():
+    from memstudy.correlate.backend_numpy import _sum_of_squares
+    from memstudy.correlate.core import U32, gamma
+
+    # Rows of awkward lengths (a tail shorter than a piece) and values spanning many binades.
+    rng = np.random.default_rng(7)
+    for d in (1, 127, 128, 5000, 65536 + 77):
+        rows = (rng.standard_normal((3, d)) * 10.0 ** rng.integers(-3, 4, (3, d))).astype(np.float32)
+        exact = np.einsum("nd,nd->n", rows.astype(np.float64), rows.astype(np.float64))
+        # float32_score_bound allows a relative error of γ_s, s = 128 + ⌈log₂ d⌉ + 1, on Σv²; the
+        # float64 reference is off by ≤ γ_D in float64, far below that.
+        s = 128 + int(np.ceil(np.log2(max(d, 2)))) + 1
+        assert np.all(np.abs(_sum_of_squares(rows) - exact) <= gamma(s, U32) * exact)
+
+
+def test_threaded_exact_rescore_equals_integer_sums_computed_here(monkeypatch):
+    from memstudy.correlate import rescore
+    from memstudy.correlate.sources import open_pair
+
+    # Pairs spread over two threads, rows with more pairs than one group, 8-bit extremes (0 and 255
+    # everywhere but one pixel), and a length that is not a whole number of pieces.
+    rng = np.random.default_rng(8)
+    d = 3 * 1024 + 5
+    synthetic = rng.integers(0, 256, (12, d), dtype=np.uint8)
+    training = rng.integers(0, 256, (150, d), dtype=np.uint8)
+    synthetic[0], training[0] = 255, 0
+    synthetic[0, 0], training[0, 0] = 0, 255
+    rows = np.repeat(np.arange(12), 100)
+    cols = rng.integers(0, 150, rows.size)
+    monkeypatch.setattr(rescore, "_threads", lambda: 2)
+    _, train = open_pair(synthetic, training, None)
+    got = rescore.exact_pairs(synthetic, rows, train, cols, 64)
+    # int64 sums are exact here (D·Σxy < 2⁴⁰); then r as the module docstring says.
+    x = synthetic.astype(np.int64)[rows]
+    y = training.astype(np.int64)[cols]
+    num = d * (x * y).sum(axis=1) - x.sum(axis=1) * y.sum(axis=1)
+    sx = d * (x * x).sum(axis=1) - x.sum(axis=1) ** 2
+    sy = d * (y * y).sum(axis=1) - y.sum(axis=1) ** 2
+    want = num.astype(np.float64) / np.sqrt(sx.astype(np.float64) * sy.astype(np.float64))
+    np.testing.assert_array_equal(got, want)

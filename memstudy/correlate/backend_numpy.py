@@ -14,6 +14,8 @@ from memstudy.correlate.core import DEFAULT_CPU_CHUNK_MB, K_PIECE, POOL, U64, Pr
 #: Rows centred and squared at a time while preparing a training chunk: a few rows of 256×256
 #: float32 stay in the L2 cache between the passes.
 _ROWS_IN_CACHE = 8
+#: Pixels per float32 dot product in a row's sum of squares (see :func:`_sum_of_squares`).
+_SQUARES_PIECE = 128
 #: Up to this many pixels, constant integer images are recognised from their sum of squares.
 _EXACT_CONSTANT_TEST_PIXELS = 2**20
 
@@ -31,30 +33,54 @@ def is_wide(dtype: np.dtype) -> bool:
     return dtype.itemsize > 4 or (dtype.kind in "iu" and dtype.itemsize > 2)
 
 
-def _centre_block(
-    raw: np.ndarray, out: np.ndarray, scratch: np.ndarray, stats: np.ndarray, unit: bool
-) -> None:
+def _max_abs(dtype: np.dtype) -> int:
+    """The largest magnitude an integer or bool ``dtype`` holds."""
+    if dtype.kind == "b":
+        return 1
+    info = np.iinfo(dtype)
+    return max(-int(info.min), int(info.max))
+
+
+def _sum_of_squares(rows: np.ndarray) -> np.ndarray:
+    """Σv² per row: a float32 dot product per ``_SQUARES_PIECE`` pixels, the pieces added in float64.
+
+    Relative error ≤ γ_129 + q·2⁻⁵³ for q pieces, within the γ_s that
+    :func:`~memstudy.correlate.core.float32_score_bound` allows for the norms, whatever order the
+    dot products sum in. One pass over the rows, where a pairwise sum needs the squares stored.
+    """
+    n, d = rows.shape
+    whole = d - d % _SQUARES_PIECE
+    pieces = rows[:, :whole].reshape(n, -1, _SQUARES_PIECE)
+    total = np.einsum("nqp,nqp->nq", pieces, pieces).sum(axis=1, dtype=np.float64)
+    if whole < d:
+        total += np.einsum("nd,nd->n", rows[:, whole:], rows[:, whole:])
+    return total
+
+
+def _centre_block(raw: np.ndarray, out: np.ndarray, stats: np.ndarray, unit: bool) -> None:
     """Centre ``raw`` rows into ``out``; write per-row statistics into ``stats``.
 
     ``stats`` columns: sum, centred sum of squares, constancy, and a bound on the error of the
     subtracted mean. With ``unit`` the rows are also scaled to unit norm while they are in cache
     (constant and non-finite rows become zero).
 
-    Sums are exact (int64) for integer pixels and accumulated in float64 otherwise, so the mean is
-    off by its rounding to float32 only. Sums of squares are NumPy pairwise reductions (relative
-    error ~1e-7 at 65,536 pixels); a plain float32 dot product (``einsum``) loses ~1e-4 and is not
-    accurate enough for the norms. Inputs that float32 cannot hold exactly (float64, int32...) are
-    centred in float64 before the cast, so a large offset does not eat the contrast.
+    Sums are exact for integer pixels (float32 where every partial sum stays ≤ 2²⁴, else int64) and
+    accumulated in float64 otherwise, so the mean is off by its rounding to float32 only. Sums of
+    squares: float32 dot products of 128 pixels added in float64 (:func:`_sum_of_squares`, relative
+    error ~1e-7); one float32 dot product of a whole row would lose ~1e-4. Inputs that float32
+    cannot hold exactly (float64, int32...) are centred in float64 before the cast, so a large
+    offset does not eat the contrast.
     """
     d = raw.shape[1]
     integer = raw.dtype.kind in "biu"
+    small_sums = integer and not is_wide(raw.dtype) and d * _max_abs(raw.dtype) <= 2**24
     # NumPy's error state is per thread: set it here, in the worker. Rows with NaN/Inf are flagged.
     with np.errstate(invalid="ignore"):
         for i in range(0, raw.shape[0], _ROWS_IN_CACHE):
             source = raw[i : i + _ROWS_IN_CACHE]
             rows = out[i : i + _ROWS_IN_CACHE]
             block = stats[i : i + _ROWS_IN_CACHE]
-            if integer and not is_wide(source.dtype):
+            if integer and not is_wide(source.dtype) and not small_sums:
                 block[:, 0] = np.add.reduce(source, axis=1, dtype=np.int64)
             if is_wide(source.dtype):
                 block[:, 0] = np.add.reduce(source, axis=1, dtype=np.float64)
@@ -62,20 +88,24 @@ def _centre_block(
                 block[:, 3] = 0.0
             else:
                 np.copyto(rows, source, casting="unsafe")
-                if not integer:
+                if small_sums:
+                    # Every partial sum is an integer of magnitude ≤ 2²⁴: exact in float32.
+                    block[:, 0] = np.add.reduce(rows, axis=1)
+                elif not integer:
                     block[:, 0] = np.add.reduce(rows, axis=1, dtype=np.float64)
                 mean = (block[:, 0] / d).astype(np.float32)
                 np.subtract(rows, mean[:, None], out=rows)
                 block[:, 3] = np.abs(mean - block[:, 0] / d) * (1 + U64) + U64 * np.abs(mean)
+            extremes = None
             if not integer:
                 # The float64 sum itself is off by at most γ_D·Σ|x| ≤ γ_D·D·max|x|.
-                absmax = np.maximum(np.abs(source.min(axis=1)), np.abs(source.max(axis=1)))
+                extremes = source.min(axis=1), source.max(axis=1)
+                absmax = np.maximum(np.abs(extremes[0]), np.abs(extremes[1]))
                 block[:, 3] += d * U64 * absmax.astype(np.float64)
-            squares = scratch[: rows.shape[0]]
-            np.multiply(rows, rows, out=squares)
-            block[:, 1] = np.add.reduce(squares, axis=1)
+            block[:, 1] = _sum_of_squares(rows)
             if source.dtype.kind == "f" or d > _EXACT_CONSTANT_TEST_PIXELS:
-                block[:, 2] = source.min(axis=1) == source.max(axis=1)
+                low, high = extremes if extremes is not None else (source.min(axis=1), source.max(axis=1))
+                block[:, 2] = low == high
             else:
                 # Integer pixels differ by at least 1, so a non-constant row has a centred sum of
                 # squares >= 1 - 1/D; a constant one only rounding noise (< 0.1 up to 2^20 pixels).
@@ -174,11 +204,7 @@ class NumpyBackend:
         parts = min(self._threads, -(-n // _ROWS_IN_CACHE))
         bounds = np.linspace(0, n, parts + 1).astype(int) // _ROWS_IN_CACHE * _ROWS_IN_CACHE
         bounds[-1] = n
-        scratch = [self._buffers.get(f"squares{p}", (_ROWS_IN_CACHE, d)) for p in range(parts)]
-        jobs = [
-            (raw[a:b], out[a:b], scratch[p], stats[a:b], unit)
-            for p, (a, b) in enumerate(itertools.pairwise(bounds))
-        ]
+        jobs = [(raw[a:b], out[a:b], stats[a:b], unit) for a, b in itertools.pairwise(bounds)]
         if parts == 1:
             _centre_block(*jobs[0])
         else:

@@ -122,8 +122,8 @@ def float32_score_bound(d: int, *, k_piece: int = K_PIECE, input_rounding: float
     - ``input_rounding``: relative error of each factor before the product (TF32: 2⁻¹¹), adding
       2·input_rounding·‖a‖‖b‖;
     - standardization: each centred value rounded once (direction of the row off by ≤ 2u), the
-      scale rounded (≤ 2u), the norm from a pairwise float32 sum of squares (relative error
-      ≤ γ_s with s = 128 + ⌈log₂ d⌉ + 1, NumPy's blocked pairwise summation), so ‖a‖, ‖b‖ ∈
+      scale rounded (≤ 2u), the norm from float32 dot products of 128 pixels added in float64
+      (relative error ≤ γ_129 + d·2⁻⁵³ ≤ γ_s with s = 128 + ⌈log₂ d⌉ + 1), so ‖a‖, ‖b‖ ∈
       1 ± ζ with ζ = γ_s/2 + 2u, and the directions within 2u each; the score scaled once more (u).
 
     Total ≤ (γ_n + 2·input_rounding)(1 + ζ)² + 2ζ + 5u; the factor 1.01 covers the products of

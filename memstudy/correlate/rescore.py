@@ -8,15 +8,20 @@ Exact r. For uint8/int8/bool images r is computed from exact integer sums,
 ``r = (D·Σxy − Σx·Σy) / sqrt((D·Σx² − (Σx)²)·(D·Σy² − (Σy)²))``: the numerator is exact in int64,
 each spread is rounded once to float64, then one product, square root and division, all
 correctly rounded IEEE operations, so every machine gives the same bits (the int8 backend uses
-the same formula). Σxy is summed in float32 over pieces of ``_EXACT_PIECE`` pixels, the synthetic
-values shifted into [-128, 127] (|x·y| ≤ 128·255 < 2¹⁵): every partial sum is an integer of
-magnitude < 2²⁴, exact in any order.
+the same formula). Σxy is summed in float32 over pieces of ``_EXACT_PIECE`` pixels, both sides
+shifted into [-128, 127] (|x'·y'| ≤ 2¹⁴, and the numerator does not change with a shift): every
+partial sum is an integer of magnitude ≤ 2²⁴, exact in any order; the piece sums are added in
+float64, exact below 2⁵³.
 Other dtypes: float64 centred rows, r to about 1e-15.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -24,8 +29,8 @@ from memstudy.correlate.core import EXACT_DTYPES, MAX_EXACT_PIXELS, U32
 from memstudy.correlate.matches import sort_rows
 from memstudy.correlate.sources import Source
 
-#: Pixels per exactly summed float32 piece: 512 · 2¹⁵ = 2²⁴.
-_EXACT_PIECE = 512
+#: Pixels per exactly summed float32 piece: 1024 · 2¹⁴ = 2²⁴.
+_EXACT_PIECE = 1024
 #: Pairs scored together: bounds the float32 copies of training rows held at once.
 _GROUP = 64
 #: Slack for ties at float32 resolution: values equal after rounding to float32 are ties.
@@ -66,25 +71,29 @@ def _is_exact(dtype: np.dtype, d: int) -> bool:
 
 
 def _shift(dtype: np.dtype) -> int:
-    """What :func:`_pieces` subtracts from pixels of ``dtype`` with ``shift=True``."""
+    """What :func:`_pieces` subtracts from pixels of ``dtype``: uint8 goes to [-128, 127]."""
     return 128 if dtype == np.uint8 else 0
 
 
-def _pieces(raw: np.ndarray, out: np.ndarray, shift: bool) -> np.ndarray:
-    """8-bit rows as float32 (shifted into [-128, 127] with ``shift``), zero-padded to whole
-    pieces ``(n, q, piece)``."""
-    n, d = raw.shape
-    flat = out.reshape(n, -1)
-    np.copyto(flat[:, :d], raw, casting="unsafe")
-    if shift and raw.dtype == np.uint8:
-        flat[:, :d] -= 128  # a plain cast, then a float32 subtraction: faster than a mixed one
+def _pieces(rows: list[np.ndarray], out: np.ndarray) -> np.ndarray:
+    """8-bit rows as float32 shifted by :func:`_shift`, zero-padded to whole pieces ``(n, q, piece)``.
+
+    Rows are converted one by one into ``out`` (no gathered copy of the 8-bit rows).
+    """
+    flat = out.reshape(out.shape[0], -1)
+    d = rows[0].shape[0]
+    for target, row in zip(flat, rows, strict=True):
+        np.copyto(target[:d], row, casting="unsafe")
+    shift = _shift(rows[0].dtype)
+    if shift:
+        flat[:, :d] -= shift  # a plain cast, then a float32 subtraction: faster than a mixed one
     flat[:, d:] = 0
     return out
 
 
 class _Scratch(threading.local):
     """Piece buffers reused from pair to pair (fresh pages cost more than the sums); per thread, so
-    that concurrent searches never share one."""
+    that concurrent threads never share one."""
 
     def get(self, n: int, d: int) -> np.ndarray:
         q = -(-d // _EXACT_PIECE)
@@ -92,6 +101,32 @@ class _Scratch(threading.local):
         if buffer is None or buffer.shape[0] < n or buffer.shape[1] != q:
             buffer = self.buffer = np.empty((n, q, _EXACT_PIECE), dtype=np.float32)
         return buffer[:n]
+
+    def rows(self, n: int, d: int) -> np.ndarray:
+        """Float64 rows for the pairs of non-integer images."""
+        wide = getattr(self, "wide", None)
+        if wide is None or wide.shape[0] < n or wide.shape[1] != d:
+            wide = self.wide = np.empty((n, d), dtype=np.float64)
+        return wide[:n]
+
+
+def _threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def _in_threads(work: list, run: Callable[[list], None]) -> None:
+    """``run(part)`` on contiguous parts of ``work``, one thread per core.
+
+    The pair sums are short NumPy loops and small BLAS calls on cache-sized buffers, which release
+    the GIL: two threads on two cores take ~0.6 of the time of one.
+    """
+    parts = min(_threads(), len(work))
+    if parts <= 1:
+        run(work)
+        return
+    edges = np.linspace(0, len(work), parts + 1).astype(int)
+    with ThreadPoolExecutor(parts) as pool:
+        list(pool.map(run, [work[a:b] for a, b in itertools.pairwise(edges)]))
 
 
 def exact_r(num: np.ndarray, spread_x: np.ndarray, spread_y: np.ndarray) -> np.ndarray:
@@ -107,23 +142,46 @@ def _piece_stats(p: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _integer_stats(raw: np.ndarray, rows: np.ndarray, scratch: _Scratch) -> tuple[np.ndarray, np.ndarray]:
-    """Exact Σy (unshifted) and D·Σy² − (Σy)² of 8-bit ``raw[rows]``, a few rows at a time."""
+    """Exact Σy' (shifted) and D·Σy² − (Σy)² of 8-bit ``raw[rows]``, a few rows at a time."""
     d = raw.shape[1]
     sums = np.empty(rows.size, dtype=np.int64)
     spreads = np.empty(rows.size, dtype=np.int64)
     step = 16  # rows converted at a time: a few MB that stay in cache
-    for a in range(0, rows.size, step):
-        p = _pieces(raw[rows[a : a + step]], scratch.get(min(step, rows.size - a), d), shift=True)
-        sums[a : a + step], spreads[a : a + step] = _piece_stats(p, d)
-    # The spread does not change with a shift; the sum does.
-    return sums + _shift(raw.dtype) * d, spreads
+
+    def run(starts: list[int]) -> None:
+        for a in starts:
+            chunk = rows[a : a + step]
+            p = _pieces(list(raw[chunk]), scratch.get(chunk.size, d))
+            sums[a : a + step], spreads[a : a + step] = _piece_stats(p, d)
+
+    _in_threads(list(range(0, rows.size, step)), run)
+    return sums, spreads
 
 
-def _float_rows(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Float64 centred rows and their norms."""
-    rows = raw.astype(np.float64)
-    rows -= rows.mean(axis=1, keepdims=True)
-    return rows, np.sqrt(np.einsum("nd,nd->n", rows, rows))
+def _float_rows(raw: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Float64 centred rows (into ``out``, reused: fresh pages cost more than the sums), their means
+    and their norms."""
+    np.copyto(out, raw)
+    means = out.mean(axis=1)
+    out -= means[:, None]
+    return out, means, np.sqrt(np.einsum("nd,nd->n", out, out))
+
+
+def _float_stats(raw: np.ndarray, rows: np.ndarray, scratch: _Scratch) -> tuple[np.ndarray, np.ndarray]:
+    """Means and centred norms (float64) of ``raw[rows]``, a few rows at a time."""
+    means = np.empty(rows.size, dtype=np.float64)
+    norms = np.empty(rows.size, dtype=np.float64)
+    step = 8
+
+    def run(starts: list[int]) -> None:
+        for a in starts:
+            chunk = raw[rows[a : a + step]]
+            _, means[a : a + step], norms[a : a + step] = _float_rows(
+                chunk, scratch.rows(len(chunk), raw.shape[1])
+            )
+
+    _in_threads(list(range(0, rows.size, step)), run)
+    return means, norms
 
 
 def exact_pairs(
@@ -178,6 +236,8 @@ def _score_batch(
     scratch = _Scratch()
     if exact:
         t_sums, t_spread = _integer_stats(training, used, scratch)
+    else:
+        t_means, t_norms = _float_stats(training, used, scratch)
     # Pairs of one synthetic row, at most _GROUP at a time (rows with many near-ties).
     starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]] | (np.arange(rows.size) % _GROUP == 0))
     groups = list(zip(starts, np.r_[starts[1:], rows.size], strict=True))
@@ -186,27 +246,30 @@ def _score_batch(
         a, b = group
         i, at = rows[a], at_all[a:b]
         if exact:
-            buffer = scratch.get(b - a + 2, d)
-            x = _pieces(synthetic[i : i + 1], buffer[:1], shift=True)[0]
-            # The unshifted x rides along as one more row: Σx'·x = Σx'² + shift·Σx' gives Σx'².
-            y = _pieces(np.concatenate([training[cols[a:b]], synthetic[i : i + 1]]), buffer[1:], shift=False)
-            # (q, m, piece) @ (q, piece, 1): one exact float32 sum per piece, added in float64;
-            # D·Σx'y − Σx'·Σy with x' = x − shift is the numerator of x and y (shift-invariant).
-            dots = np.matmul(y.transpose(1, 0, 2), x[:, :, None])[:, :, 0]
+            # x' rides along as row 0: its sums with itself give Σx'².
+            p = _pieces([synthetic[i], *(training[c] for c in cols[a:b])], scratch.get(b - a + 1, d))
+            # (q, m + 1, piece) @ (q, piece, 1): one exact float32 sum per piece, added in float64;
+            # D·Σx'y' − Σx'·Σy' is the numerator of x and y (shift-invariant).
+            dots = np.matmul(p.transpose(1, 0, 2), p[0][:, :, None])[:, :, 0]
             sxy = dots.sum(axis=0, dtype=np.float64).astype(np.int64)
-            x_sum = int(np.add.reduce(synthetic[i], dtype=np.int64)) - _shift(synthetic.dtype) * d
-            x_squares = sxy[-1] - _shift(synthetic.dtype) * x_sum
-            x_spread = np.int64(d * x_squares - x_sum * x_sum)
-            out[a:b] = exact_r(d * sxy[:-1] - x_sum * t_sums[at], x_spread, t_spread[at])
+            x_sum = int(p[0].sum(axis=1).sum(dtype=np.float64))  # pieces of |Σx'| ≤ 2¹⁷: exact
+            x_spread = np.int64(d * sxy[0] - x_sum * x_sum)
+            out[a:b] = exact_r(d * sxy[1:] - x_sum * t_sums[at], x_spread, t_spread[at])
         else:
-            x, x_norm = _float_rows(synthetic[i : i + 1])
-            y, y_norm = _float_rows(training[cols[a:b]])
+            y = scratch.rows(b - a + 1, d)
+            x, _, x_norm = _float_rows(synthetic[i : i + 1], y[:1])
+            y = y[1:]
+            for target, c, mean in zip(y, cols[a:b], t_means[at], strict=True):
+                np.copyto(target, training[c])  # as in _float_rows
+                target -= mean
             dots = np.einsum("md,d->m", y, x[0])
-            out[a:b] = np.clip(dots / (x_norm[0] * y_norm), -1.0, 1.0)
+            out[a:b] = np.clip(dots / (x_norm[0] * t_norms[at]), -1.0, 1.0)
 
-    # One thread: the pairs are bound by memory traffic, and a second thread measured no faster.
-    for group in groups:
-        score(group)
+    def run(part: list[tuple[int, int]]) -> None:
+        for group in part:
+            score(group)
+
+    _in_threads(groups, run)
 
 
 def finalize(
