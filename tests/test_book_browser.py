@@ -1,0 +1,177 @@
+"""The default plan's book in headless Chromium: every page loads from 127.0.0.1 alone, without errors.
+
+The book is built once per module into a temporary folder (the repository's ``book/notebooks`` and
+``_build`` are not touched): the default plan is executed with papermill into a private data cache, then
+built by ``build_book``. The pages are served by ``http.server`` on 127.0.0.1 and opened by Playwright in
+the Debian ``chromium`` (Playwright's own browser download does not work offline). A full-page
+screenshot of each page goes to ``_build/screenshots/`` beside the built HTML, and is also copied to
+``$MEMSTUDY_SCREENSHOTS`` when that variable names a folder.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import threading
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+
+import pytest
+from PIL import Image
+
+from memstudy.book import build_book, check_offline
+from memstudy.study import run_plan
+
+REPO = Path(__file__).resolve().parents[1]
+PLAN = REPO / "plans" / "default.yaml"
+MAX_SITE_BYTES = 60 * 1000**2  # issue 10: the default plan's whole site stays under 60 MB
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    # Belt and braces behind the route that aborts every other host: a request that escaped it would
+    # fail to resolve instead of reaching the network.
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+]
+PAGE_TIMEOUT_MS = 60_000  # two shared cores: MathJax and plotly.js take seconds to parse under load
+REDIRECT = re.compile(r'<meta http-equiv="Refresh" content="0; url=([^"]+)"', re.IGNORECASE)
+# Web fonts are in and MathJax has typeset the page (it loads its fonts and extensions lazily).
+SETTLED = "() => document.fonts.ready.then(() => window.MathJax?.startup?.promise)"
+# Every plotly figure has drawn its SVG; evaluated in the page.
+PLOTS_DRAWN = (
+    "() => [...document.querySelectorAll('.plotly-graph-div')].every((d) => d.querySelector('svg.main-svg'))"
+)
+
+
+@pytest.fixture(scope="module")
+def default_book(tmp_path_factory, jupyter_kernel) -> Path:
+    """Execute the default plan and build its book in a temporary folder; return ``_build/html``."""
+    root = tmp_path_factory.mktemp("default-book")
+    shutil.copy(REPO / "_config.yml", root)
+    shutil.copytree(REPO / "book", root / "book", ignore=shutil.ignore_patterns("notebooks"))
+    # A module fixture runs before the autouse per-test cache, so it sets its own.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MEMSTUDY_CACHE", str(tmp_path_factory.mktemp("default-book-cache")))
+        run_plan(PLAN, output_dir=root / "book" / "notebooks")
+    return build_book(root)
+
+
+@pytest.fixture
+def served(default_book) -> Iterator[tuple[str, list[str]]]:
+    """Serve the built book on 127.0.0.1 (a free port) from a thread.
+
+    Yields its base URL and the list of requests it answered with an error status, which also
+    catches requests the browser makes by itself (``/favicon.ico``) that pages never see.
+    """
+    errors: list[str] = []
+
+    class RecordingHandler(SimpleHTTPRequestHandler):
+        def log_request(self, code="-", size="-"):
+            if isinstance(code, int) and code >= 400:  # an HTTPStatus, or "-" when none was sent
+                errors.append(f"HTTP {int(code)} {self.path}")
+
+        def log_message(self, format, *args):
+            pass
+
+    handler = functools.partial(RecordingHandler, directory=default_book)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/", errors
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def book_pages(html_dir: Path) -> list[Path]:
+    """Every HTML page of a built book, outside the theme's ``_static`` templates."""
+    return [p for p in sorted(html_dir.rglob("*.html")) if "_static" not in p.relative_to(html_dir).parts]
+
+
+@pytest.mark.slow
+def test_default_book_is_offline_and_under_60_mb(default_book):
+    assert check_offline(default_book) == []
+    size = sum(f.stat().st_size for f in default_book.rglob("*") if f.is_file())
+    assert size < MAX_SITE_BYTES, f"the site is {size / 1e6:.1f} MB"
+
+
+@pytest.mark.slow
+def test_every_page_loads_from_localhost_alone_without_errors(default_book, served):
+    base, server_errors = served
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium on PATH (Debian package `chromium`; .ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    origin = urlsplit(base).netloc
+    shots = default_book.parent / "screenshots"
+    shots.mkdir()
+    pages = book_pages(default_book)
+    assert {"index.html", "book/methods.html", "book/notebooks/01_data-cxr-phantom.html"} <= {
+        p.relative_to(default_book).as_posix() for p in pages
+    }
+    problems: list[str] = []
+    figures = {}  # page → plotly figures in its HTML source, and drawn ones in the browser
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        leaving: list[str] = []
+
+        def refuse(route):
+            leaving.append(route.request.url)
+            route.abort()
+
+        # Only requests that do not go to the book's server are routed, and all of them are refused.
+        context.route(lambda url: urlsplit(url).netloc != origin, refuse)
+        for page_path in pages:
+            name = page_path.relative_to(default_book).as_posix()
+            seen: list[str] = []
+            page = context.new_page()
+            page.on("requestfailed", lambda r, seen=seen: seen.append(f"failed {r.url} ({r.failure})"))
+            page.on(
+                "response", lambda r, seen=seen: r.status >= 400 and seen.append(f"HTTP {r.status} {r.url}")
+            )
+            page.on("console", lambda m, seen=seen: m.type == "error" and seen.append(f"console: {m.text}"))
+            page.on("pageerror", lambda e, seen=seen: seen.append(f"page error: {e}"))
+            source = page_path.read_text(encoding="utf-8")
+            page.goto(base + name, wait_until="load", timeout=PAGE_TIMEOUT_MS)
+            redirect = REDIRECT.search(source)
+            if redirect:  # the root index.html sends the reader to the first chapter
+                target = urljoin(base + name, redirect.group(1))
+                page.wait_for_url(target, wait_until="load", timeout=PAGE_TIMEOUT_MS)
+                source = (default_book / urlsplit(target).path.lstrip("/")).read_text(encoding="utf-8")
+            page.evaluate(SETTLED)
+            expected = source.count('class="plotly-graph-div"')
+            if expected:
+                page.wait_for_function(PLOTS_DRAWN, timeout=PAGE_TIMEOUT_MS)
+            drawn = page.locator(".plotly-graph-div svg.main-svg").evaluate_all(
+                "(svgs) => new Set(svgs.map((s) => s.closest('.plotly-graph-div'))).size"
+            )
+            figures[name] = (expected, drawn)
+            page.screenshot(path=shots / (name.replace("/", "__") + ".png"), full_page=True)
+            page.close()
+            problems += [f"{name}: {problem}" for problem in seen]
+        browser.close()
+    if os.environ.get("MEMSTUDY_SCREENSHOTS"):
+        shutil.copytree(shots, os.environ["MEMSTUDY_SCREENSHOTS"], dirs_exist_ok=True)
+
+    assert leaving == [], f"requests left 127.0.0.1: {leaving}"
+    assert problems == []
+    assert server_errors == []
+    assert all(expected == drawn for expected, drawn in figures.values()), figures
+    assert sum(expected for expected, _ in figures.values()) > 0, "no page of the book has a plotly figure"
+    for page_path in pages:
+        with Image.open(
+            shots / (page_path.relative_to(default_book).as_posix().replace("/", "__") + ".png")
+        ) as shot:
+            assert shot.format == "PNG" and shot.width >= 1280 and shot.height >= 900
