@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import html
+import json
 import logging
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import nibabel as nib
@@ -236,3 +241,54 @@ def _trainer_tensors(result) -> dict:
 def trainer_tensors():
     """``trainer_tensors(result)``: a train() result's state tensors by key, for exact comparisons."""
     return _trainer_tensors
+
+
+def float64_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The tests' reference: all-pairs Pearson r in float64 of images flattened whole, shape
+    ``(len(a), len(b))``; NaN where either image is constant."""
+    a = a.reshape(len(a), -1).astype(np.float64)
+    b = b.reshape(len(b), -1).astype(np.float64)
+    a -= a.mean(axis=1, keepdims=True)
+    b -= b.mean(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        a /= np.linalg.norm(a, axis=1, keepdims=True)
+        b /= np.linalg.norm(b, axis=1, keepdims=True)
+    return a @ b.T
+
+
+#: Headless Chromium as a test browser on a machine without network: no background connections.
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def chromium_or_skip() -> str:
+    """The Debian ``chromium`` binary; skip the test where it is missing (CI installs it)."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium on PATH (Debian package `chromium`)")
+    return browser
+
+
+def probe_in_chromium(page: Path, profile: Path, budget_ms: int) -> dict:
+    """Load ``page`` (with a probe script that writes JSON into ``body[data-probe]``) offline in headless
+    Chromium for ``budget_ms`` of virtual time; return what the probe reported."""
+    command = [
+        chromium_or_skip(),
+        *CHROMIUM_FLAGS,
+        "--host-resolver-rules=MAP * ~NOTFOUND",  # any network fetch fails, as on an offline machine
+        f"--user-data-dir={profile}",
+        f"--virtual-time-budget={budget_ms}",
+        "--dump-dom",
+        page.as_uri(),
+    ]
+    dom = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
+    found = re.search(r'data-probe="([^"]*)"', dom)
+    assert found, "the probe script did not run"
+    return json.loads(html.unescape(found.group(1)))

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import html
 import json
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import probe_in_chromium
 
 from memstudy.book import (
     BookBuildError,
@@ -207,30 +206,9 @@ window.addEventListener("load", () => setTimeout(() => {
 
 @pytest.mark.slow
 def test_page_renders_offline_in_headless_chromium(book_html, tmp_path):
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        pytest.skip("no chromium on PATH (Debian package `chromium`)")
     # A copy of the page that, once loaded, picks "second" in the dropdown (jslink-ed to the Stack, which
     # then shows its HTML child instead of its image) and reports what it sees before and after.
     probe = book_html / PAGE.with_name("probe.html")
     probe.write_text((book_html / PAGE).read_text().replace("</body>", PROBE))
-    command = [
-        browser,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--host-resolver-rules=MAP * ~NOTFOUND",  # any network fetch fails, as on an offline machine
-        f"--user-data-dir={tmp_path}",
-        "--virtual-time-budget=8000",
-        "--dump-dom",
-        probe.as_uri(),
-    ]
-    dom = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
-    found = re.search(r'data-probe="([^"]*)"', dom)
-    assert found, "the probe script did not run"
-    seen = json.loads(html.unescape(found.group(1)))
+    seen = probe_in_chromium(probe, tmp_path, budget_ms=8000)
     assert seen == {"plots": 1, "tabs": 1, "images": 2, "math": 2, "before": False, "after": True}

@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
 import pytest
+from conftest import CHROMIUM_FLAGS, chromium_or_skip
 from PIL import Image
 
 from memstudy.book import build_book, check_offline
@@ -29,18 +30,9 @@ from memstudy.study import run_plan
 REPO = Path(__file__).resolve().parents[1]
 PLAN = REPO / "plans" / "default.yaml"
 MAX_SITE_BYTES = 60 * 1000**2  # issue 10: the default plan's whole site stays under 60 MB
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    # Belt and braces behind the route that aborts every other host: a request that escaped it would
-    # fail to resolve instead of reaching the network.
-    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-]
+# Belt and braces behind the route that aborts every other host: a request that escaped it would
+# fail to resolve instead of reaching the network.
+OFFLINE_FLAGS = [*CHROMIUM_FLAGS, "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]
 PAGE_TIMEOUT_MS = 60_000  # two shared cores: MathJax and plotly.js take seconds to parse under load
 REDIRECT = re.compile(r'<meta http-equiv="Refresh" content="0; url=([^"]+)"', re.IGNORECASE)
 # Web fonts are in and MathJax has typeset the page (it loads its fonts and extensions lazily).
@@ -108,9 +100,7 @@ def test_default_book_is_offline_and_under_60_mb(default_book):
 @pytest.mark.slow
 def test_every_page_loads_from_localhost_alone_without_errors(default_book, served):
     base, server_errors = served
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("no chromium on PATH (Debian package `chromium`; .ci/run installs it)")
+    chromium = chromium_or_skip()
     from playwright.sync_api import sync_playwright
 
     origin = urlsplit(base).netloc
@@ -123,7 +113,7 @@ def test_every_page_loads_from_localhost_alone_without_errors(default_book, serv
     problems: list[str] = []
     figures = {}  # page → plotly figures in its HTML source, and drawn ones in the browser
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        browser = playwright.chromium.launch(executable_path=chromium, args=OFFLINE_FLAGS)
         context = browser.new_context(viewport={"width": 1280, "height": 900})
         leaving: list[str] = []
 

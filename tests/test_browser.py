@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 import re
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
+from conftest import float64_pearson, probe_in_chromium
 from PIL import Image
-from test_figures import neighbours_by_name, pearson, volumes
+from test_figures import neighbours_by_name, volumes
 
 from memstudy.analysis import memorization_report
 from memstudy.book import check_offline
@@ -58,7 +56,7 @@ def test_page_holds_each_image_with_its_matches_provenance_and_baseline(study):
     training, synthetic, report = study["training"], study["synthetic"], study["report"]
     page = match_browser_html(report, synthetic, training, k=3, max_images=6)
     data = page_data(page)
-    r = pearson(synthetic, training.images)
+    r = float64_pearson(synthetic, training.images)
     order = [item["index"] for item in data["items"]]
     assert sorted(order[:3]) == [0, 1, 2]  # the exact copies first, then by max r
     assert np.all(np.diff(report.max_r[order]) <= 0) and len(order) == 6
@@ -204,9 +202,6 @@ window.addEventListener("load", () => setTimeout(() => {
 
 @pytest.mark.slow
 def test_controls_step_through_images_in_headless_chromium(study, tmp_path):
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        pytest.skip("no chromium on PATH (Debian package `chromium`)")
     report = study["report"]
     page = match_browser_html(report, study["synthetic"], study["training"], k=3)
     probe = tmp_path / "probe.html"
@@ -215,25 +210,7 @@ def test_controls_step_through_images_in_headless_chromium(study, tmp_path):
             "</body>", PROBE
         )
     )
-    command = [
-        browser,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--host-resolver-rules=MAP * ~NOTFOUND",  # any network fetch fails, as on an offline machine
-        f"--user-data-dir={tmp_path / 'profile'}",
-        "--virtual-time-budget=5000",
-        "--dump-dom",
-        probe.as_uri(),
-    ]
-    dom = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
-    found = re.search(r'data-probe="([^"]*)"', dom)
-    assert found, "the probe script did not run"
-    seen = json.loads(html.unescape(found.group(1)))
+    seen = probe_in_chromium(probe, tmp_path / "profile", budget_ms=5000)
     assert seen["errors"] == []
     items = page_data(page)["items"]  # the page starts in this order (max r, highest first)
     for step, position in (("first", 0), ("slider", 3), ("next", 4), ("key", 3)):

@@ -16,6 +16,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import float64_pearson
 
 from memstudy.correlate import Exclude, merge_matches, topk_pearson
 from memstudy.correlate import backends as backends_module
@@ -47,18 +48,6 @@ needs_torch_cuda = pytest.mark.skipif(
 #: Error of the float64 reference for images of up to 2¹⁸ pixels (every test here): 4·D·2⁻⁵³.
 REFERENCE_ERROR = 4 * 2**18 * 2.0**-53
 CPU_BACKENDS = ["numpy", "torch", pytest.param("int8", marks=needs_int8)]
-
-
-def reference_r(synthetic: np.ndarray, training: np.ndarray) -> np.ndarray:
-    """All-pairs Pearson r in float64 from centred rows; NaN where either image is constant."""
-    a = synthetic.reshape(len(synthetic), -1).astype(np.float64)
-    b = training.reshape(len(training), -1).astype(np.float64)
-    a -= a.mean(axis=1, keepdims=True)
-    b -= b.mean(axis=1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        a /= np.linalg.norm(a, axis=1, keepdims=True)
-        b /= np.linalg.norm(b, axis=1, keepdims=True)
-    return a @ b.T
 
 
 def reference_topk(r: np.ndarray, k: int, banned: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -102,7 +91,7 @@ def test_every_backend_gives_the_float64_reference(backend, chunk_mb, k):
 
     matches = topk_pearson(synthetic, training, k, backend=backend, chunk_mb=chunk_mb)
 
-    assert_matches_reference(matches, reference_r(synthetic, training), k)
+    assert_matches_reference(matches, float64_pearson(synthetic, training), k)
     assert matches.indices[4, 0] == 150 and matches.constant_training.tolist() == [99]
     assert matches.constant_synthetic.tolist() == [11]
 
@@ -114,7 +103,7 @@ def test_backends_agree_bit_for_bit_on_8bit_images():
 
     found = [topk_pearson(synthetic, training, 5, backend=name, chunk_mb=0.3) for name in backends]
 
-    assert_matches_reference(found[0], reference_r(synthetic, training), 5)
+    assert_matches_reference(found[0], float64_pearson(synthetic, training), 5)
     for other in found[1:]:
         np.testing.assert_array_equal(other.indices, found[0].indices)
         np.testing.assert_array_equal(other.values, found[0].values)
@@ -143,7 +132,7 @@ def test_other_dtypes_give_the_float64_reference(backend, dtype):
 
     matches = topk_pearson(synthetic, training, 4, backend=backend, chunk_mb=0.3)
 
-    assert_matches_reference(matches, reference_r(synthetic, training), 4)
+    assert_matches_reference(matches, float64_pearson(synthetic, training), 4)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -158,7 +147,7 @@ def test_identical_training_images_straddling_k_give_the_lowest_indices(backend,
     matches = topk_pearson(synthetic, training, 2, backend=backend, chunk_mb=chunk_mb)
 
     np.testing.assert_array_equal(matches.indices[0], [3, 9])
-    assert_matches_reference(matches, reference_r(synthetic, training), 2)
+    assert_matches_reference(matches, float64_pearson(synthetic, training), 2)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -176,8 +165,8 @@ def test_more_copies_than_candidate_slots_are_never_dropped(backend, k):
     itself = topk_pearson(training, training, k, backend=backend, exclude="self", chunk_mb=0.3)
 
     np.testing.assert_array_equal(matches.indices[0], copies[:k])
-    assert_matches_reference(matches, reference_r(synthetic, training), k)
-    assert_matches_reference(itself, reference_r(training, training), k, np.eye(300, dtype=bool))
+    assert_matches_reference(matches, float64_pearson(synthetic, training), k)
+    assert_matches_reference(itself, float64_pearson(training, training), k, np.eye(300, dtype=bool))
     np.testing.assert_array_equal(itself.indices[copies[0]], copies[1 : k + 1])
 
 
@@ -194,7 +183,7 @@ def test_low_contrast_bright_256_images_match_the_reference(backend):
 
     matches = topk_pearson(synthetic, training, 6, backend=backend, chunk_mb=1)
 
-    assert_matches_reference(matches, reference_r(synthetic, training), 6)
+    assert_matches_reference(matches, float64_pearson(synthetic, training), 6)
     np.testing.assert_array_equal(matches.constant_training, [4])
 
 
@@ -208,7 +197,7 @@ def test_five_channel_images_match_the_reference(backend):
 
     matches = topk_pearson(synthetic, training, 3, backend=backend, chunk_mb=0.05)
 
-    assert_matches_reference(matches, reference_r(synthetic, training), 3)
+    assert_matches_reference(matches, float64_pearson(synthetic, training), 3)
     np.testing.assert_array_equal(matches.indices[0, :2], [11, 25])
 
 
@@ -235,7 +224,7 @@ def test_every_exclude_mode_matches_the_reference(backend, mode):
 
     matches = topk_pearson(images, images, 3, backend=backend, exclude=exclude, chunk_mb=0.04)
 
-    assert_matches_reference(matches, reference_r(images, images), 3, banned)
+    assert_matches_reference(matches, float64_pearson(images, images), 3, banned)
 
 
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
@@ -247,7 +236,7 @@ def test_float_input_with_a_large_offset_matches_the_reference(backend):
 
     matches = topk_pearson(synthetic, training, 4, backend=backend)
 
-    r = reference_r(synthetic, training)
+    r = float64_pearson(synthetic, training)
     values, indices = reference_topk(r, 4)
     np.testing.assert_array_equal(matches.indices, indices)
     np.testing.assert_allclose(matches.values, values, atol=1e-7)
@@ -262,7 +251,7 @@ def test_int8_backend_splits_images_larger_than_one_int32_product():
 
     matches = topk_pearson(synthetic, training, 3, backend="int8")
 
-    assert_matches_reference(matches, reference_r(synthetic, training), 3)
+    assert_matches_reference(matches, float64_pearson(synthetic, training), 3)
     assert matches.values[1, 0] == 1.0 and matches.indices[1, 0] == 8
 
 
@@ -278,7 +267,7 @@ def test_dask_style_merge_of_parts_equals_one_search_with_ties():
 
     merged = merge_matches(parts)
 
-    assert_matches_reference(merged, reference_r(synthetic, training), 3)
+    assert_matches_reference(merged, float64_pearson(synthetic, training), 3)
     np.testing.assert_array_equal(merged.indices[0], [5, 21, 33])
 
 
@@ -316,7 +305,7 @@ def test_auto_under_onednn_avx2_gives_the_reference(tmp_path):
     )
 
     with np.load(out) as found:
-        values, indices = reference_topk(reference_r(synthetic, training), 3)
+        values, indices = reference_topk(float64_pearson(synthetic, training), 3)
         np.testing.assert_array_equal(found["indices"], indices)
         assert np.all(np.abs(found["values"] - values) <= 2.0**-24 * np.abs(values) + REFERENCE_ERROR)
         assert str(found["backend"]) in {"int8", "numpy"}
@@ -387,7 +376,7 @@ def test_asking_for_cupy_without_a_gpu_is_a_clear_error():
 def test_torch_cuda_backend_gives_the_reference(k):
     synthetic, training = case(2)
     matches = topk_pearson(synthetic, training, k, backend="torch", device="cuda", chunk_mb=0.3)
-    assert_matches_reference(matches, reference_r(synthetic, training), k)
+    assert_matches_reference(matches, float64_pearson(synthetic, training), k)
 
 
 @gpu
@@ -397,7 +386,7 @@ def test_torch_cuda_backend_gives_the_reference(k):
 def test_cupy_backend_gives_the_reference(dtype, k):
     synthetic, training = case(3, dtype)
     matches = topk_pearson(synthetic, training, k, backend="cupy", chunk_mb=0.3)
-    assert_matches_reference(matches, reference_r(synthetic, training), k)
+    assert_matches_reference(matches, float64_pearson(synthetic, training), k)
 
 
 @gpu
@@ -442,7 +431,7 @@ def test_cupy_backend_with_exclusion_and_big_blocks_gives_the_reference():
     matches = topk_pearson(
         images, images, 10, backend="cupy", exclude=Exclude(same_group=True, groups=groups)
     )
-    assert_matches_reference(matches, reference_r(images, images), 10, groups[:, None] == groups[None, :])
+    assert_matches_reference(matches, float64_pearson(images, images), 10, groups[:, None] == groups[None, :])
     assert matches.indices[10, 0] == 350
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import plotly.io as pio
 import pytest
+from conftest import float64_pearson
 from scipy.ndimage import gaussian_filter
 
 from memstudy.analysis import memorization_report
@@ -37,15 +38,6 @@ def volumes(seed: int, n_subjects: int, n_slices: int, first_group: int, size: i
             names.append(f"S{first_group + s:03d}/z{z:03d}")
             groups.append(first_group + s)
     return ImageSet(np.stack(images).astype(np.uint8), tuple(names), np.array(groups), ("gray",))
-
-
-def pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """All-pairs Pearson r in float64, images flattened whole."""
-    a = a.reshape(len(a), -1).astype(np.float64)
-    b = b.reshape(len(b), -1).astype(np.float64)
-    a = a - a.mean(axis=1, keepdims=True)
-    b = b - b.mean(axis=1, keepdims=True)
-    return (a / np.linalg.norm(a, axis=1, keepdims=True)) @ (b / np.linalg.norm(b, axis=1, keepdims=True)).T
 
 
 def neighbours_by_name(names: tuple[str, ...], index: int, n: int) -> list[int]:
@@ -217,7 +209,9 @@ def test_top_pairs_show_each_copy_beside_its_source_aligned(study):
     figure = top_pairs(report, synthetic, training, n_pairs=5, neighbours=2)
     # Reference: the five highest max r (exact copies and the mirrored one, r = 1 up to rounding),
     # each with its best match by float64 Pearson r over the image and its mirror.
-    r = np.maximum(pearson(synthetic, training.images), pearson(synthetic[..., ::-1], training.images))
+    r = np.maximum(
+        float64_pearson(synthetic, training.images), float64_pearson(synthetic[..., ::-1], training.images)
+    )
     per_row = 5
     order = [
         int(re.search(r"#(\d+)", figure.layout.annotations[row * per_row].text).group(1)) for row in range(5)

@@ -10,6 +10,7 @@ import logging
 
 import numpy as np
 import pytest
+from conftest import float64_pearson
 from scipy.ndimage import gaussian_filter
 from scipy.stats import binom, mannwhitneyu
 
@@ -46,18 +47,9 @@ def subjects(seed: int, n_subjects: int, n_slices: int, first_group: int, channe
     return ImageSet(np.stack(images).astype(np.uint8), tuple(names), np.array(groups), names_of_channels)
 
 
-def pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """All-pairs Pearson r in float64, images flattened whole."""
-    a = a.reshape(len(a), -1).astype(np.float64)
-    b = b.reshape(len(b), -1).astype(np.float64)
-    a = a - a.mean(axis=1, keepdims=True)
-    b = b - b.mean(axis=1, keepdims=True)
-    return (a / np.linalg.norm(a, axis=1, keepdims=True)) @ (b / np.linalg.norm(b, axis=1, keepdims=True)).T
-
-
 def reference_max_and_margin(query: np.ndarray, training: ImageSet) -> tuple[np.ndarray, ...]:
     """Best r, its training index and best r - best r in another subject than the best match's."""
-    r = pearson(query, training.images)
+    r = float64_pearson(query, training.images)
     best = r.argmax(axis=1)
     other = np.where(training.groups[None, :] != training.groups[best][:, None], r, -np.inf).max(axis=1)
     return r.max(axis=1), best, r.max(axis=1) - other
@@ -138,7 +130,7 @@ def test_values_match_a_float64_pearson_reference(planted, sets):
     np.testing.assert_allclose(report.max_r, max_r, rtol=0, atol=R_TOL)
     np.testing.assert_allclose(report.margin, margin, rtol=0, atol=2 * R_TOL)
     np.testing.assert_array_equal(report.match_indices[:, 0], best)
-    r = pearson(images, training.images)
+    r = float64_pearson(images, training.images)
     np.testing.assert_allclose(report.match_values, np.sort(r, axis=1)[:, ::-1][:, :3], rtol=0, atol=R_TOL)
     assert [report.match_names[i, 0] for i in range(3)] == [training.names[j] for j in best[:3]]
     np.testing.assert_array_equal(report.match_subjects[:, 0], training.groups[best])
@@ -151,7 +143,7 @@ def test_values_match_a_float64_pearson_reference(planted, sets):
     assert report.threshold == pytest.approx(np.quantile(held_max, QUANTILE), abs=R_TOL)
     assert report.margin_threshold == pytest.approx(np.quantile(held_margin, QUANTILE), abs=2 * R_TOL)
 
-    rt = pearson(training.images, training.images)
+    rt = float64_pearson(training.images, training.images)
     rt[training.groups[:, None] == training.groups[None, :]] = -np.inf
     np.testing.assert_allclose(report.train_max_r, rt.max(axis=1), rtol=0, atol=R_TOL)
 

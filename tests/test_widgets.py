@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import float64_pearson
 from PIL import Image
 
 from memstudy.data import ImageSet
@@ -50,14 +51,6 @@ def smooth_set(seed: int, n_subjects: int, n_slices: int, first_group: int) -> I
             names.append(f"S{first_group + s:03d}/z{z:03d}")
             groups.append(first_group + s)
     return ImageSet(np.stack(images).astype(np.uint8), tuple(names), np.array(groups), ("a", "b"))
-
-
-def pearson(query: np.ndarray, training: np.ndarray) -> np.ndarray:
-    """Pearson r of one image with every training image, float64, images flattened whole."""
-    q = query.reshape(-1).astype(np.float64)
-    t = training.reshape(len(training), -1).astype(np.float64)
-    q, t = q - q.mean(), t - t.mean(axis=1, keepdims=True)
-    return (t @ q) / (np.linalg.norm(t, axis=1) * np.linalg.norm(q))
 
 
 def expected_topk(r: np.ndarray, k: int) -> tuple[list[int], np.ndarray]:
@@ -133,7 +126,7 @@ def test_shown_matches_are_the_exact_top_k(run, index, k, channel):
     if channel != "all":
         c = run["training"].channels.index(channel)
         query, train_images = query[c], train_images[:, c]
-    indices, values = expected_topk(pearson(query, train_images), k)
+    indices, values = expected_topk(float64_pearson(query[None], train_images)[0], k)
     shown_indices, shown_values = shown_matches(explorer)
     assert shown_indices == indices
     np.testing.assert_allclose(shown_values, values, rtol=0, atol=R_TOL)
@@ -147,15 +140,15 @@ def test_slider_and_index_box_move_together(run):
     assert explorer.controls["index"].value == 2
     assert "synthetic #2 (step_00000001-seed0)" in explorer.panel.value
     assert shown_matches(explorer)[0][0] == int(
-        np.argmax(pearson(run["synthetic"][2], run["training"].images))
+        np.argmax(float64_pearson(run["synthetic"][2][None], run["training"].images)[0])
     )
 
 
 def test_mirror_switch_finds_the_mirrored_copy(run):
     explorer = explore_run(run["dir"], training=run["training"], k=2)
     explorer.controls["index"].value = 1
-    zero_lag = pearson(run["synthetic"][1], run["training"].images)
-    mirrored = pearson(run["synthetic"][1][..., ::-1], run["training"].images)
+    zero_lag = float64_pearson(run["synthetic"][1][None], run["training"].images)[0]
+    mirrored = float64_pearson(run["synthetic"][1][None, ..., ::-1], run["training"].images)[0]
     assert shown_matches(explorer)[0][0] == int(np.argmax(zero_lag))
     assert mirrored.max() > zero_lag.max() + 0.05  # the switch must change what is found
     explorer.controls["mirror"].value = True
@@ -170,7 +163,7 @@ def test_uploaded_png_is_matched_on_the_chosen_channel(run):
     picture = np.ascontiguousarray(run["training"].images[17, 1])
     upload(explorer, png_bytes(picture))
     assert explorer.controls["source"].value == "upload"
-    indices, values = expected_topk(pearson(picture, run["training"].images[:, 1]), 5)
+    indices, values = expected_topk(float64_pearson(picture[None], run["training"].images[:, 1])[0], 5)
     shown_indices, shown_values = shown_matches(explorer)
     assert shown_indices == indices and indices[0] == 17
     np.testing.assert_allclose(shown_values, values, rtol=0, atol=R_TOL)
@@ -202,7 +195,7 @@ def test_max_r_is_placed_against_the_held_out_baseline(run):
     groups = run["training"].groups
 
     def max_r_and_margin(image):
-        r = pearson(image, run["training"].images)
+        r = float64_pearson(image[None], run["training"].images)[0]
         best = int(np.argmax(r))
         return r[best], r[best] - r[groups != groups[best]].max()
 
