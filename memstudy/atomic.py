@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -64,6 +65,23 @@ def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
             return candidate
         except FileExistsError:
             continue
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new empty staging folder beside ``path``; on success it is flushed and renamed to ``path``.
+
+    The folder counterpart of :func:`atomic_path`, for outputs made of several files (a saved
+    ImageSet): readers see all of it or nothing. The staging folder is removed on error, and also
+    when the rename fails (``path`` appeared meanwhile: ``OSError`` reaches the caller).
+    """
+    path = Path(path)
+    staging = make_temp_dir(path.parent, path.name)
+    try:
+        yield staging
+        replace_durably(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -8,7 +8,15 @@ import stat
 import numpy as np
 import pytest
 
-from memstudy.atomic import atomic_open, atomic_path, make_temp_dir, replace_durably, save_npy, write_json
+from memstudy.atomic import (
+    atomic_dir,
+    atomic_open,
+    atomic_path,
+    make_temp_dir,
+    replace_durably,
+    save_npy,
+    write_json,
+)
 
 
 @pytest.fixture
@@ -69,3 +77,14 @@ def test_replace_durably_moves_a_whole_folder(tmp_path):
     replace_durably(staging, tmp_path / "entry")
     assert (tmp_path / "entry" / "images.npy").read_bytes() == b"data"
     assert not staging.exists()
+
+
+def test_atomic_dir_appears_whole_or_not_at_all(tmp_path):
+    with atomic_dir(tmp_path / "set") as staging:
+        (staging / "images.npy").write_bytes(b"data")
+        assert not (tmp_path / "set").exists()
+    assert (tmp_path / "set" / "images.npy").read_bytes() == b"data"
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "other") as staging:
+        (staging / "images.npy").write_bytes(b"half")
+        raise RuntimeError("crash")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]

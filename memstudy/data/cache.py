@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from memstudy.atomic import make_temp_dir, replace_durably
+from memstudy.atomic import atomic_dir
 from memstudy.data.imageset import IMAGES_FILE, META_FILE, ImageSet, write_meta
 
 log = logging.getLogger(__name__)
@@ -123,27 +123,23 @@ def cached_imageset(
     if (target / META_FILE).is_file():
         log.info("using cached %s data in %s", loader, target)
         return ImageSet.load(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = make_temp_dir(target.parent, target.name)
+    if target.exists():
+        shutil.rmtree(target)  # a half-made entry (no meta.json) from a crash before durable renames
     try:
-        writer = ImageSetWriter(staging, channels, loader)
-        provenance = build(writer)
-        writer.finish(
-            {
-                "loader": loader,
-                "pipeline_version": version,
-                "options": options,
-                "cache_dir": str(target),
-                **provenance,
-            }
-        )
-        try:
-            replace_durably(staging, target)
-        except OSError:
-            if (target / META_FILE).is_file():  # another process finished the same entry first
-                return ImageSet.load(target)
-            shutil.rmtree(target, ignore_errors=True)  # a half-made target from an older crash
-            replace_durably(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with atomic_dir(target) as staging:
+            writer = ImageSetWriter(staging, channels, loader)
+            provenance = build(writer)
+            writer.finish(
+                {
+                    "loader": loader,
+                    "pipeline_version": version,
+                    "options": options,
+                    "cache_dir": str(target),
+                    **provenance,
+                }
+            )
+    except OSError:
+        if not (target / META_FILE).is_file():
+            raise
+        log.info("another process prepared %s first; using it", target)  # same key, same data
     return ImageSet.load(target)

@@ -9,8 +9,6 @@ whichever device runs the network.
 from __future__ import annotations
 
 import os
-import shutil
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from memstudy.atomic import make_temp_dir, replace_durably
+from memstudy.atomic import atomic_dir
 from memstudy.data.imageset import IMAGES_FILE, ImageSet, write_meta
 from memstudy.models import ddpm, stylegan
 from memstudy.models.configs import DDPMConfig, TrainingConfig, resolve_config
@@ -183,26 +181,17 @@ def sample(
         "training_dataset": params["dataset"]["fingerprint"],
     }
     names = [f"sample_{i:06d}" for i in range(n)]
-    staging = None
-    try:
-        if out is None:
-            images = np.empty((n, *shape), dtype=np.uint8)
-        else:
-            staging = make_temp_dir(Path(out).parent, Path(out).name)
-            images = np.lib.format.open_memmap(
-                staging / IMAGES_FILE, mode="w+", dtype=np.uint8, shape=(n, *shape)
-            )
+    if out is None:
+        images = np.empty((n, *shape), dtype=np.uint8)
         _draw_into(images, net, cfg, settings, seed, batch_size, dev, progress)
-        if staging is None:
-            return ImageSet(images, names, np.arange(n), tuple(params["channels"]), provenance)
+        return ImageSet(images, names, np.arange(n), tuple(params["channels"]), provenance)
+    with atomic_dir(out) as staging:
+        path = staging / IMAGES_FILE
+        images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, *shape))
+        _draw_into(images, net, cfg, settings, seed, batch_size, dev, progress)
         images.flush()
         del images
         write_meta(staging, names, np.arange(n), params["channels"], (n, *shape), provenance)
-        replace_durably(staging, out)
-        staging = None
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
     return ImageSet.load(out)
 
 
