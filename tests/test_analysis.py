@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from test_memorization import pearson, reference_max_and_margin, subjects
+from conftest import float64_pearson
+from test_memorization import reference_max_and_margin, subjects
 
 import memstudy.analysis as analysis
 from memstudy.analysis import (
@@ -42,7 +43,7 @@ def duplicated_set() -> ImageSet:
 
 
 def reference_pairs(images: np.ndarray, threshold: float) -> tuple[set, np.ndarray]:
-    r = pearson(images, images)
+    r = float64_pearson(images, images)
     np.fill_diagonal(r, -np.inf)
     # Pairs within float32 rounding of the threshold could go either way; there are none here.
     assert not np.any(np.abs(r - threshold) < 1e-6)
@@ -113,7 +114,7 @@ def test_comparison_table_has_the_contract_columns_with_values_from_the_runs(two
     for row, (report, synthetic, training, holdout, step) in zip(records, two_runs, strict=True):
         max_r = reference_max_and_margin(synthetic, training)[0]
         held = reference_max_and_margin(holdout.images, training)[0]
-        rt = pearson(training.images, training.images)
+        rt = float64_pearson(training.images, training.images)
         rt[training.groups[:, None] == training.groups[None, :]] = -np.inf
         p99 = np.quantile(held, 0.99)
         assert (row["dataset"], row["model"], row["step"], row["seed"]) == ("toy", "ddpm", step, 0)
