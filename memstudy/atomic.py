@@ -29,10 +29,14 @@ def _temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp{''.join(path.suffixes)}")
 
 
-def fsync_path(path: str | os.PathLike) -> None:
-    """Flush a file's data, or a folder's entries and (recursively) its files, to stable storage."""
+def fsync_path(path: str | os.PathLike, *, recursive: bool = True) -> None:
+    """Flush a file's data, or a folder's entries and (``recursive``) its files, to stable storage.
+
+    ``recursive=False`` flushes only a folder's own entries (a rename into it), not the files other
+    writers may be creating or removing there at the same time.
+    """
     path = Path(path)
-    if path.is_dir():
+    if recursive and path.is_dir():
         for child in path.iterdir():
             if child.is_file() or child.is_dir():
                 fsync_path(child)
@@ -51,7 +55,7 @@ def replace_durably(source: str | os.PathLike, target: str | os.PathLike) -> Non
     """
     fsync_path(source)
     os.replace(source, target)
-    fsync_path(Path(target).parent)
+    fsync_path(Path(target).parent, recursive=False)
 
 
 def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     from memstudy.correlate.command import add_bench_correlate_command, add_correlate_command
     from memstudy.data.command import add_data_command
     from memstudy.models.command import add_bench_train_command, add_model_commands
-    from memstudy.study import add_study_command
+    from memstudy.workflow.command import add_study_command
 
     parser = _Parser(
         prog="memstudy",

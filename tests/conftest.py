@@ -292,3 +292,23 @@ def probe_in_chromium(page: Path, profile: Path, budget_ms: int) -> dict:
     found = re.search(r'data-probe="([^"]*)"', dom)
     assert found, "the probe script did not run"
     return json.loads(html.unescape(found.group(1)))
+
+
+@pytest.fixture(scope="session")
+def smoke_study(tmp_path_factory) -> dict:
+    """`memstudy study --plan plans/smoke.yaml`, once per session, with its own data cache.
+
+    Returns the plan folder, the command's result and the environment it ran with (reuse it: the
+    phantoms are generated into that cache).
+    """
+    import os
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("smoke-study")
+    env = {**os.environ, "MEMSTUDY_CACHE": str(root / "cache")}
+    plan = Path(__file__).resolve().parents[1] / "plans" / "smoke.yaml"
+    command = [sys.executable, "-m", "memstudy.cli", "study", "--plan", str(plan)]
+    command += ["--runs-dir", str(root / "runs"), "--cores", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    return {"plan_dir": root / "runs" / "smoke", "result": result, "env": env}

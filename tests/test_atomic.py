@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,3 +89,25 @@ def test_atomic_dir_appears_whole_or_not_at_all(tmp_path):
         (staging / "images.npy").write_bytes(b"half")
         raise RuntimeError("crash")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+
+
+def test_replace_durably_flushes_the_folder_entry_not_the_other_writers_files(tmp_path, monkeypatch):
+    """Other workers create and remove temporary files beside the target; flushing them raced."""
+    from memstudy import atomic
+
+    (tmp_path / "other-writer.tmp").write_bytes(b"x")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "file").write_bytes(b"y")
+    source = tmp_path / "source.tmp"
+    source.write_bytes(b"data")
+    opened = []
+    real_open = os.open
+
+    def recording_open(path, *args, **kwargs):
+        opened.append(Path(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(atomic.os, "open", recording_open)
+    atomic.replace_durably(source, tmp_path / "target")
+    assert set(opened) == {source, tmp_path}
+    assert (tmp_path / "target").read_bytes() == b"data"

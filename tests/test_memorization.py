@@ -245,7 +245,6 @@ def test_each_channel_and_all_channels_together():
         ("shape", "shape"),
         ("shared", "shares 1 subject"),
         ("k", "k=97"),
-        ("one_subject", "at least 2 subjects"),
         ("channel", "channel='t2'"),
     ],
 )
@@ -260,9 +259,25 @@ def test_bad_input_is_a_clear_error(sets, change, message):
         )
     elif change == "k":
         options["k"] = 97
-    elif change == "one_subject":
-        training = training.subset(np.flatnonzero(training.groups == 0))
     elif change == "channel":
         options["channel"] = "t2"
     with pytest.raises(ValueError, match=message):
         memorization_report(synthetic, training, holdout, **options)
+
+
+def test_one_training_subject_calls_on_max_r_alone_and_says_so(sets):
+    """Slices of one subject: no other subject exists, so margins are undefined and max r decides."""
+    training = sets["training"].subset(np.flatnonzero(sets["training"].groups == 0))
+    holdout = sets["holdout"]
+    synthetic = np.concatenate([training.images[[2, 7]], sets["unseen"].images[:20]])
+    report = memorization_report(synthetic, training, holdout, k=2)
+    expected, _, _ = reference_max_and_margin(synthetic, training)
+    np.testing.assert_allclose(report.max_r, expected, rtol=0, atol=R_TOL)
+    assert np.isnan(report.margin).all() and np.isnan(report.train_max_r).all()
+    held, _, _ = reference_max_and_margin(holdout.images, training)
+    threshold = np.quantile(held, QUANTILE)
+    np.testing.assert_array_equal(report.likely_copies, np.flatnonzero(expected > threshold))
+    assert {0, 1} <= set(report.likely_copies.tolist())
+    assert any("one subject" in note for note in report.notes)
+    row = report.summary(dataset="d", model="m", seed=0, step=1, sampler="s")
+    assert row["n_train_subjects"] == 1 and np.isnan(row["train_train_median_max_r"])

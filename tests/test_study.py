@@ -1,69 +1,181 @@
-"""The study runner: plans expand into papermill executions, reruns skip, failures stay contained."""
+"""`memstudy study` end to end: the smoke plan completes, a rerun executes nothing, a changed parameter
+reruns only what depends on it, a failing run leaves the others complete, an interrupted training resumes,
+and comparison.csv holds the contract's columns with the runs' values."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import nbformat
+import pandas as pd
 import pytest
+import yaml
 
-from memstudy.study import StudyError, load_plan, run_plan
+from memstudy.analysis import COMPARISON_COLUMNS
+from memstudy.workflow.plan import load_plan
 
-
-@pytest.fixture(scope="module")
-def study_cache(tmp_path_factory):
-    """One data cache for this module, so the cxr phantom is generated once."""
-    return tmp_path_factory.mktemp("study-cache")
-
-
-@pytest.fixture(autouse=True)
-def shared_cache(study_cache, monkeypatch):
-    monkeypatch.setenv("MEMSTUDY_CACHE", str(study_cache))
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
 
 
-def write_plan(tmp_path, text):
-    path = tmp_path / "plan.yaml"
-    path.write_text(text)
+def study(plan: Path, runs: Path, *extra: str, env: dict) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "memstudy.cli", "study", "--plan", str(plan), "--runs-dir", str(runs)]
+    return subprocess.run([*command, "--cores", "2", *extra], capture_output=True, text=True, env=env)
+
+
+def notebook_mtimes(plan_dir: Path) -> dict[str, int]:
+    return {str(p.relative_to(plan_dir)): p.stat().st_mtime_ns for p in plan_dir.rglob("*.ipynb")}
+
+
+def test_the_smoke_plan_runs_every_notebook_and_fills_the_comparison(smoke_study):
+    plan_dir, result = smoke_study["plan_dir"], smoke_study["result"]
+    jobs = load_plan(ROOT / "plans" / "smoke.yaml").jobs()
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"{len(jobs)} done, 0 up to date, 0 failed, 0 not run" in result.stdout
+    for job in jobs:
+        assert (plan_dir / job.notebook).is_file(), job.notebook
+    table = pd.read_csv(plan_dir / "comparison.csv")
+    assert tuple(table.columns[: len(COMPARISON_COLUMNS)]) == COMPARISON_COLUMNS
+    runs = [job.run for job in jobs if job.step == "train"]
+    models = load_plan(ROOT / "plans" / "smoke.yaml").models
+    checkpoints = {run: models[run.model]["checkpoints"] for run in runs}
+    assert len(table) == sum(len(c) for c in checkpoints.values())
+    for run in runs:
+        rows = json.loads((plan_dir / run.folder / "summary.json").read_text())["rows"]
+        for row in rows:
+            (line,) = table[
+                (table["dataset"] == run.dataset)
+                & (table["model"] == run.model)
+                & (table["n_train_subjects"] == run.n_subjects)
+                & (table["step"] == row["step"])
+            ].to_dict("records")
+            for column in ("n_samples", "median_max_r", "frac_likely_copies", "holdout_p99", "sampler"):
+                assert (
+                    line[column] == pytest.approx(row[column], nan_ok=True)
+                    if isinstance(row[column], float)
+                    else line[column] == row[column]
+                )
+
+
+def test_a_rerun_executes_nothing_and_a_changed_parameter_reruns_only_its_dependents(smoke_study, tmp_path):
+    plan_dir, env = smoke_study["plan_dir"], smoke_study["env"]
+    before = notebook_mtimes(plan_dir)
+    again = study(ROOT / "plans" / "smoke.yaml", plan_dir.parent, env=env)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert " 0 done, " in again.stdout and "0 failed" in again.stdout
+    assert notebook_mtimes(plan_dir) == before
+
+    plan = yaml.safe_load((ROOT / "plans" / "smoke.yaml").read_text())
+    plan["models"]["stylegan"]["sampling"]["n_samples"] += 2
+    changed = tmp_path / "smoke.yaml"
+    changed.write_text(yaml.safe_dump(plan))
+    dry = study(changed, plan_dir.parent, "--dry-run", env=env)
+    assert dry.returncode == 0 and "Params have changed" in dry.stdout + dry.stderr
+    rerun = study(changed, plan_dir.parent, env=env)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    after = notebook_mtimes(plan_dir)
+    reexecuted = {name for name in after if after[name] != before.get(name)}
+    expected = {
+        name
+        for name in before
+        if "/stylegan/" in name and name.rsplit("/", 1)[-1].startswith(("03_sample", "04_memorization"))
+    }
+    assert reexecuted == expected | {"05_compare.ipynb"}
+    table = pd.read_csv(plan_dir / "comparison.csv")
+    n_samples = table.set_index("model")["n_samples"]
+    assert (n_samples["stylegan"] == plan["models"]["stylegan"]["sampling"]["n_samples"]).all()
+    assert (n_samples["ddpm"] == plan["models"]["ddpm"]["sampling"]["n_samples"]).all()
+
+
+def one_model_plan(folder: Path, name: str, train_subjects: list[int], steps: int, **overrides) -> Path:
+    plan = {
+        "name": name,
+        "datasets": {
+            "cxr-phantom": {
+                "options": {"size": 32},
+                "holdout_split": "test",
+                "train_subjects": train_subjects,
+            }
+        },
+        "models": {
+            "stylegan": {
+                "config": "tiny",
+                "overrides": {"batch_size": 4, **overrides},
+                "steps": steps,
+                "checkpoints": [steps],
+                "sampling": {"n_samples": 4},
+            }
+        },
+        "memorization": {"k": 2, "max_browser_images": 4},
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(plan))
     return path
 
 
-def test_a_plan_executes_the_data_notebook_and_a_rerun_skips_it(tmp_path, jupyter_kernel):
-    plan = write_plan(tmp_path, "data:\n  - {dataset: cxr-phantom, size: 32, n_subjects: 6}\n")
-    first = run_plan(plan, output_dir=tmp_path / "out")
-    output = tmp_path / "out" / "01_data-cxr-phantom.ipynb"
-    assert first["executed"] == [output]
-    notebook = nbformat.read(output, as_version=4)
-    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
-    glued = {
-        o["metadata"]["scrapbook"]["name"]: o["data"] for o in outputs if "scrapbook" in o.get("metadata", {})
-    }
-    assert set(glued) == {"n_images", "n_subjects", "other_r", "adjacent_r"}
-    assert glued["n_images"]["application/papermill.record/text/plain"] == "6"
-    assert any("plotly-graph-div" in o.get("data", {}).get("text/html", "") for o in outputs)
-    assert notebook.metadata["memstudy"]["parameters"] == {
-        "dataset": "cxr-phantom",
-        "size": 32,
-        "n_subjects": 6,
-    }
-    again = run_plan(plan, output_dir=tmp_path / "out")
-    assert again == {"executed": [], "skipped": [output], "failed": []}
+def test_a_failing_run_leaves_the_others_complete_and_names_its_partial_notebook(smoke_study, tmp_path):
+    env = smoke_study["env"]
+    plan = one_model_plan(tmp_path, "failing", [6, 100000], steps=4)
+    result = study(plan, tmp_path / "runs", env=env)
+    assert result.returncode == 1
+    plan_dir = tmp_path / "runs" / "failing"
+    partial = plan_dir / "cxr-phantom/stylegan/n100000-s0/02_train.failed.ipynb"
+    assert partial.is_file() and not partial.with_name("02_train.ipynb").exists()
+    failure = "failed: cxr-phantom/stylegan/n100000-s0/02_train.ipynb: ValueError: n_subjects=100000"
+    assert failure in result.stdout
+    assert str(partial) in result.stdout
+    assert (plan_dir / "cxr-phantom/stylegan/n6-s0/summary.json").is_file()
+    assert "not run (an input failed or is missing): " in result.stdout
+    assert not (plan_dir / "comparison.csv").exists()
 
 
-def test_a_failing_execution_is_kept_and_does_not_stop_the_others(tmp_path, jupyter_kernel):
-    plan = write_plan(
-        tmp_path,
-        "data:\n  - {dataset: chestxray, root: /nonexistent, size: 32}\n"
-        "  - {dataset: cxr-phantom, size: 32, n_subjects: 6}\n",
+def test_an_interrupted_training_resumes_from_its_last_checkpoint(smoke_study, tmp_path):
+    env = smoke_study["env"]
+    plan = one_model_plan(tmp_path, "interrupted", [6], steps=400, checkpoint_every=5)
+    runs = tmp_path / "runs"
+    command = [sys.executable, "-m", "memstudy.cli", "study", "--plan", str(plan), "--runs-dir", str(runs)]
+    process = subprocess.Popen(
+        [*command, "--cores", "1"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
-    with pytest.raises(StudyError, match="1 of 2 executions failed"):
-        run_plan(plan, output_dir=tmp_path / "out")
-    assert (tmp_path / "out" / "01_data-chestxray.failed.ipynb").is_file()
-    assert not (tmp_path / "out" / "01_data-chestxray.ipynb").exists()
-    assert (tmp_path / "out" / "01_data-cxr-phantom.ipynb").is_file()
+    checkpoints = runs / "interrupted/cxr-phantom/stylegan/n6-s0/checkpoints"
+    deadline = time.monotonic() + 120
+    while not list(checkpoints.glob("step_*.pt")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C reaches every process of the study
+    process.wait(timeout=60)
+    first = sorted(checkpoints.glob("step_*.pt"))
+    assert first, "training wrote no checkpoint before the interruption"
+    assert not (runs / "interrupted/cxr-phantom/stylegan/n6-s0/train.json").exists()
+    result = study(plan, runs, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    notebook = nbformat.read(runs / "interrupted/cxr-phantom/stylegan/n6-s0/02_train.ipynb", as_version=4)
+    text = json.dumps([cell.get("outputs", []) for cell in notebook.cells])
+    assert "resumed" in text
+    assert (checkpoints / "step_00000400.pt").is_file()
 
 
-def test_plans_with_unknown_steps_or_parameters_name_the_problem(tmp_path):
-    with pytest.raises(ValueError, match="a plan maps steps"):
-        load_plan(write_plan(tmp_path, "training:\n  - {dataset: x}\n"))
-    with pytest.raises(ValueError, match=r"data entry 1 has unknown parameters \['sise'\]"):
-        load_plan(write_plan(tmp_path, "data:\n  - {dataset: cxr-phantom, sise: 32}\n"))
-    with pytest.raises(FileNotFoundError, match="no such plan file"):
-        load_plan(tmp_path / "missing.yaml")
+def test_memstudy_run_executes_one_notebook_with_new_parameters_into_its_own_folder(smoke_study, tmp_path):
+    env = smoke_study["env"]
+    command = [sys.executable, "-m", "memstudy.cli", "run", "01_data", "-p", "dataset", "cxr-phantom"]
+    command += ["-p", "size", "32", "-p", "n_subjects", "6"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (executed,) = (tmp_path / "runs" / "adhoc").glob("01_data-*/01_data.ipynb")
+    notebook = nbformat.read(executed, as_version=4)
+    injected = next(c for c in notebook.cells if "injected-parameters" in c.metadata.get("tags", []))
+    assert "n_subjects = 6" in injected.source and "size = 32" in injected.source
+    bad = subprocess.run(
+        [*command[:4], "-p", "sise", "32"], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
+    assert bad.returncode == 2
+    assert "01_data.ipynb has no parameters ['sise']" in bad.stderr

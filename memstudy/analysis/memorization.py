@@ -264,6 +264,8 @@ def match_set(
     nowhere = training_groups.min() - 1
     best_group = np.where(top_indices[:, 0] >= 0, training_groups[top_indices[:, 0]], nowhere)
     other = np.full((len(transforms), n), np.nan)
+    if np.unique(training_groups).size < 2:  # no other subject: the margin is undefined (NaN)
+        found = []
     for t, (q, cropped, matches) in enumerate(found):
         groups = np.where(matches.indices >= 0, training_groups[matches.indices], nowhere)
         elsewhere = (matches.indices >= 0) & (groups != best_group[:, None])
@@ -322,8 +324,6 @@ def _check_inputs(
             f"holdout shares {shared.size} subject(s) with training (groups {shared[:5].tolist()}); "
             "held-out images must come from unseen subjects"
         )
-    if np.unique(training.groups).size < 2:
-        raise ValueError("training needs images of at least 2 subjects (groups) for other-subject margins")
     if len(synthetic) == 0 or len(holdout) == 0:
         raise ValueError(f"need synthetic and holdout images, got {len(synthetic)} and {len(holdout)}")
 
@@ -382,8 +382,8 @@ def memorization_report(
     Raises
     ------
     ValueError
-        Different image shapes or channels, held-out subjects that are also training subjects, fewer
-        than two training subjects, ``k`` larger than the training set, or a bad option.
+        Different image shapes or channels, held-out subjects that are also training subjects,
+        ``k`` larger than the training set, or a bad option.
 
     Notes
     -----
@@ -399,7 +399,9 @@ def memorization_report(
     smoothed images, whose r crowd towards 1, from passing; scale-free alternatives (differences of
     distance, Lowe's distance ratio) called many more blurred unseen images copies. The price: an
     exact copy of a training image with a near-identical image in another subject (r above
-    ``1 - margin_threshold``) is not called, though its ``max_r`` still shows it.
+    ``1 - margin_threshold``) is not called, though its ``max_r`` still shows it. A training set of
+    one subject has no other subject: margins are NaN, the call is ``max_r > threshold`` alone and
+    ``notes`` says so.
 
     **The test.** One-sided Mann–Whitney U (``scipy.stats.mannwhitneyu``, ``alternative="greater"``)
     of synthetic against held-out ``max_r`` (Meehan et al. 2020's data-copying test): a small
@@ -433,15 +435,20 @@ def memorization_report(
 
     syn = match_set(pick(syn_images), train_images, groups, k, transforms, cost)
     held = match_set(pick(holdout.images), train_images, groups, k, transforms, cost)
+    one_subject = np.unique(groups).size < 2
     train_max_r = (
-        cost.topk(train_images, train_images, 1, exclude=Exclude(same_group=True, groups=groups))
+        np.full(len(kept), np.nan)
+        if one_subject
+        else cost.topk(train_images, train_images, 1, exclude=Exclude(same_group=True, groups=groups))
         .values[:, 0]
         .astype(np.float64)
     )
 
     threshold = _quantile(held.max_r, quantile)
     margin_threshold = _quantile(held.margin, quantile)
-    likely = np.flatnonzero((syn.max_r > threshold) & (syn.margin > margin_threshold))
+    # With one training subject there is no other subject to be less close to: max r alone decides.
+    distinct = True if one_subject else syn.margin > margin_threshold
+    likely = np.flatnonzero((syn.max_r > threshold) & distinct)
     syn_finite, held_finite = syn.max_r[np.isfinite(syn.max_r)], held.max_r[np.isfinite(held.max_r)]
     u, p = np.nan, np.nan
     if syn_finite.size and held_finite.size:
@@ -453,7 +460,7 @@ def memorization_report(
     names = np.array(training.names, dtype=object)
     positions = slice_positions(training.names)
     best = match_indices[:, 0][valid[:, 0]]
-    notes = _notes(_quantile(held.max_r, 0.99), held_finite.size, quantile, fixed_thresholds)
+    notes = _notes(_quantile(held.max_r, 0.99), held_finite.size, quantile, fixed_thresholds, one_subject)
     for note in notes:
         logger.warning("%s", note)
     return MemorizationReport(
@@ -495,9 +502,18 @@ def memorization_report(
     )
 
 
-def _notes(holdout_p99: float, n_holdout: int, quantile: float, fixed: tuple[float, ...]) -> tuple[str, ...]:
-    """Warnings a reader of the numbers needs: fixed thresholds below real images, thin calibration."""
+def _notes(
+    holdout_p99: float, n_holdout: int, quantile: float, fixed: tuple[float, ...], one_subject: bool
+) -> tuple[str, ...]:
+    """Warnings a reader of the numbers needs: fixed thresholds below real images, thin calibration,
+    a training set of one subject."""
     notes = []
+    if one_subject:
+        notes.append(
+            "The training set has one subject: there is no other subject to measure a margin against, "
+            "so the call uses max r alone, and the train → train baseline is undefined. An average of "
+            "the subject's slices can pass such a call; read the top pairs."
+        )
     below = [t for t in fixed if holdout_p99 > t]
     if below:
         shown = ", ".join(f"{t:.2f}" for t in below)

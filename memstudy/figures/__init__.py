@@ -3,39 +3,38 @@
 ``data``: the data chapter (examples, images per subject, neighbour correlations); ``memorization``:
 max r against its baselines and memorization across runs; ``pairs``: the paper's top-pairs figure;
 ``images``: what the figures and :mod:`memstudy.browser` show of an image.
+
+The names below are imported on first use, so a notebook that draws one figure depends on that
+figure's module only (the workflow's code stamps, :mod:`memstudy.workflow.stamps`, follow this table).
 """
 
-from memstudy.figures.data import (
-    correlation_by_distance,
-    correlation_histogram,
-    example_images,
-    images_per_subject,
-    neighbour_correlations,
-)
-from memstudy.figures.images import middle_slice
-from memstudy.figures.memorization import (
-    CURVE_METRICS,
-    bootstrap_interval,
-    ecdf,
-    max_r_ecdf,
-    memorization_curves,
-    per_sample_values,
-)
-from memstudy.figures.pairs import top_pair_order, top_pairs
+import importlib
 
-__all__ = [
-    "CURVE_METRICS",
-    "bootstrap_interval",
-    "correlation_by_distance",
-    "correlation_histogram",
-    "ecdf",
-    "example_images",
-    "images_per_subject",
-    "max_r_ecdf",
-    "memorization_curves",
-    "middle_slice",
-    "neighbour_correlations",
-    "per_sample_values",
-    "top_pair_order",
-    "top_pairs",
-]
+_EXPORTS = {
+    "memstudy.figures.data": (
+        "correlation_by_distance",
+        "correlation_histogram",
+        "example_images",
+        "images_per_subject",
+        "neighbour_correlations",
+    ),
+    "memstudy.figures.images": ("middle_slice",),
+    "memstudy.figures.memorization": (
+        "CURVE_METRICS",
+        "bootstrap_interval",
+        "ecdf",
+        "max_r_ecdf",
+        "memorization_curves",
+        "per_sample_values",
+    ),
+    "memstudy.figures.pairs": ("top_pair_order", "top_pairs"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'memstudy.figures' has no attribute {name!r}")
+    return getattr(importlib.import_module(_MODULE_OF[name]), name)
