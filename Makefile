@@ -15,10 +15,10 @@ $(INSTALLED): pyproject.toml constraints.txt
 	$(BIN)/python -m ipykernel install --prefix $(VENV) --name memstudy --display-name "memstudy (.venv)" >/dev/null
 	touch $@
 
-# The default study writes executed notebooks to book/notebooks/ (unchanged ones are skipped), then the book.
+# The default study (Snakemake: only what changed reruns) into runs/default/, then the book of that plan.
 book: install
 	$(BIN)/memstudy study --plan plans/default.yaml
-	$(BIN)/memstudy book
+	$(BIN)/memstudy book --plan plans/default.yaml
 
 # JupyterLab on the step notebooks; the kernel `memstudy` (installed above into the venv) runs them.
 # JupyterLab refuses to run as root unless told (containers often run as root).

@@ -4,30 +4,56 @@ The book is Jupyter Book 1.x over notebooks already executed by papermill. Three
 without a network or a kernel (see ``book/_vendor/README.md`` and ``_config.yml``):
 
 * plotly figures are stored as ``text/html`` that calls a site-wide, vendored ``plotly.min.js``
-  (:func:`use_offline_plotly_renderer`);
+  (:func:`memstudy.figures.use_offline_plotly_renderer`);
 * ipywidgets render from the widget state saved in each notebook, through the vendored
   ``@jupyter-widgets/html-manager`` bundle instead of require.js and a CDN;
 * MathJax is vendored too.
 
 :func:`check_offline` verifies the result, and :func:`build_book` refuses a book that fails it.
+
+The pages come from a plan's executed notebooks (``runs/<plan>/``, written by ``memstudy study``):
+:func:`stage_plan` copies them into ``book/notebooks/<plan>/`` with their presentation fixed (the job's
+title as heading, the run's parameters as a table instead of code) and writes the table of contents
+``book/notebooks/<plan>/_toc.yml`` from the plan, listing only the notebooks that exist.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import hashlib
+import json
 import logging
 import os
 import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
+
+import yaml
+
+from memstudy.atomic import atomic_open, write_json
+
+if TYPE_CHECKING:
+    from memstudy.workflow.plan import Job, Run
 
 logger = logging.getLogger(__name__)
 
-PLOTLY_RENDERER = "memstudy_offline"
+#: Where :func:`stage_plan` puts a plan's notebooks and table of contents, under the book's source.
+STAGED_DIR = Path("book", "notebooks")
+#: The hand-written chapters (paths relative to the source folder, without suffix): the root page,
+#: the chapters before the plan's pages and those after them.
+INTRO = "book/intro"
+STUDY_CHAPTERS = ("book/methods",)
+USE_CHAPTERS = ("book/rerun", "book/references")
+#: Tag of the markdown cell that shows a run's parameters in a staged notebook.
+PARAMETER_TABLE_TAG = "memstudy-parameters"
+_MODEL_NAMES = {"ddpm": "DDPM", "stylegan": "StyleGAN2"}
 
 # Hosts whose appearance in inline JavaScript means a script would be fetched at run time.
 _CDN_HOSTS = (
@@ -65,49 +91,323 @@ class BookBuildError(RuntimeError):
     """The Jupyter Book build failed or produced pages that need a network."""
 
 
-def use_offline_plotly_renderer() -> None:
-    """Make plotly figures display as HTML that renders in the offline book.
+@dataclass(frozen=True)
+class StagedBook:
+    """What :func:`stage_plan` put into the book's source.
 
-    Registers the renderer ``"memstudy_offline"`` with :mod:`plotly.io` and makes it the default. Safe to
-    call any number of times; notebooks call it once in their imports cell (it returns nothing, so the
-    cell shows no output).
-
-    Notes
-    -----
-    Under papermill plotly picks its ``plotly_mimetype`` renderer, whose output myst-nb drops with only
-    a warning. This renderer emits ``text/html`` alone, without plotly.js or MathJax: the book loads the
-    vendored ``plotly.min.js`` once per page. Adding the plotly mimetype for live JupyterLab sessions is
-    not possible, because myst-nb warns about it (which fails the ``-W`` build) even beside the HTML; so
-    in a live session, where no page-wide plotly.js exists, these figures stay blank (use
-    ``memstudy.widgets`` or plotly's own renderers there).
+    Attributes
+    ----------
+    toc : Path
+        The generated table of contents (absolute path), for :func:`build_book`.
+    pages : list of str
+        The staged notebooks, as paths relative to the plan's folder, in the plan's order.
+    missing : list of str
+        The plan's notebooks that are not in the book: never executed, or failed (only the partial
+        ``<name>.failed.ipynb`` exists, or papermill recorded an exception); relative to the plan's
+        folder.
     """
-    import plotly.io as pio
-    from plotly.io.base_renderers import MimetypeRenderer
 
-    class OfflineHtmlRenderer(MimetypeRenderer):
-        def to_mimebundle(self, fig_dict: dict) -> dict:
-            html = pio.to_html(
-                fig_dict,
-                full_html=False,
-                include_plotlyjs=False,
-                include_mathjax=False,
-                default_width="100%",
-                # As plotly's notebook renderers: an output cell has no height to take 100% of.
-                default_height=525,
-                validate=False,
-            )
-            return {"text/html": html}
+    toc: Path
+    pages: list[str]
+    missing: list[str]
 
-    if PLOTLY_RENDERER not in pio.renderers:
-        pio.renderers[PLOTLY_RENDERER] = OfflineHtmlRenderer()
-    pio.renderers.default = PLOTLY_RENDERER
+
+def stage_plan(
+    plan: str | os.PathLike,
+    *,
+    runs_dir: str | os.PathLike = "runs",
+    source: str | os.PathLike = ".",
+) -> StagedBook:
+    """Copy a plan's executed notebooks into the book's source and write its table of contents.
+
+    Each notebook ``runs_dir/<plan name>/<job notebook>`` that exists and did not fail is copied to
+    ``source/book/notebooks/<plan name>/<job notebook>`` as :func:`present_notebook` shows it. A copy is
+    rewritten only when its notebook, its title or this module changed (a digest of each is kept in
+    ``.staged.json`` there); staged notebooks the plan no longer has, or whose notebook disappeared,
+    are removed. The table of contents, ``book/notebooks/<plan name>/_toc.yml``, is: the introduction;
+    *The study* (methods); *Data*, one page per dataset; one part per dataset × model, with a chapter per
+    run (its training page, with the sampling and memorization pages of each checkpoint as sections);
+    *Comparison*; *Use it* (re-running, references). Only staged notebooks are listed; the missing ones
+    are named in one warning.
+
+    Parameters
+    ----------
+    plan : path
+        The plan file (YAML, read by :func:`memstudy.workflow.plan.load_plan`).
+    runs_dir : path
+        Folder holding the plan's folder, as given to ``memstudy study --runs-dir``.
+    source : path
+        The book's source folder (with ``_config.yml``).
+
+    Returns
+    -------
+    StagedBook
+        The table of contents' path, the staged and the missing notebooks.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``source`` has no ``_config.yml``, or no notebook of the plan was executed (or all failed):
+        run ``memstudy study --plan PLAN`` first.
+    ValueError
+        If the plan is invalid, or a notebook is not a readable notebook (named with its path).
+    """
+    import nbformat
+
+    from memstudy.workflow.execute import failed_path
+    from memstudy.workflow.plan import load_plan
+
+    source = Path(source).resolve()
+    _require_file(source / "_config.yml", source)
+    study = load_plan(plan)
+    plan_dir = Path(runs_dir) / study.name
+    jobs = study.jobs()
+    staged_dir = source / STAGED_DIR / study.name
+    manifest_path = staged_dir / ".staged.json"
+    try:
+        previous = json.loads(manifest_path.read_text())
+        previous = previous if isinstance(previous, dict) else {}
+    except (OSError, ValueError):  # none yet, or unreadable: stage everything again
+        previous = {}
+    code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+    digests: dict[str, str] = {}
+    failed: set[str] = set()
+    for job in jobs:
+        executed = plan_dir / job.notebook
+        if not executed.is_file():
+            if failed_path(executed).is_file():
+                failed.add(job.notebook)
+            continue
+        content = executed.read_bytes()
+        digest = hashlib.sha256(f"{code}\n{job.title}\n".encode() + content).hexdigest()
+        target = staged_dir / job.notebook
+        if previous.get(job.notebook) == digest and target.is_file():
+            digests[job.notebook] = digest
+            continue
+        notebook = _read_notebook(content, executed)
+        if notebook.metadata.get("papermill", {}).get("exception"):
+            failed.add(job.notebook)
+            continue
+        present_notebook(notebook, job.title, where=executed)
+        with atomic_open(target, "w") as handle:
+            nbformat.write(notebook, handle)
+        digests[job.notebook] = digest
+
+    if not digests:
+        runs_option = "" if Path(runs_dir) == Path("runs") else f" --runs-dir {runs_dir}"
+        raise FileNotFoundError(
+            f"{plan_dir}: no executed notebook of plan {study.name!r} that did not fail (expected "
+            f"{len(jobs)}, e.g. "
+            f"{plan_dir / jobs[0].notebook}); run `memstudy study --plan {plan}{runs_option}` first"
+        )
+    _remove_stale(staged_dir, {staged_dir / name for name in digests})
+    write_json(manifest_path, digests)
+
+    pages = [job.notebook for job in jobs if job.notebook in digests]
+    missing = [job.notebook for job in jobs if job.notebook not in digests]
+    if missing:
+        named = [name + (" (failed)" if name in failed else "") for name in missing]
+        logger.warning(
+            "%d of %d notebooks of plan %s are missing from the book (not run or failed) in %s: %s",
+            len(missing),
+            len(jobs),
+            study.name,
+            plan_dir,
+            ", ".join(named),
+        )
+    toc_path = staged_dir / "_toc.yml"
+    toc = book_toc(jobs, set(pages), (STAGED_DIR / study.name).as_posix())
+    with atomic_open(toc_path, "w") as handle:
+        handle.write(f"# Generated by `memstudy book` from {plan}; changes here are overwritten.\n")
+        yaml.safe_dump(toc, handle, sort_keys=False, allow_unicode=True)
+    logger.info("staged %d notebooks of plan %s into %s", len(pages), study.name, staged_dir)
+    return StagedBook(toc_path, pages, missing)
+
+
+def book_toc(jobs: list[Job], staged: set[str], prefix: str) -> dict[str, Any]:
+    """Return the Jupyter Book table of contents for a plan's jobs, listing the staged ones.
+
+    Parameters
+    ----------
+    jobs : list of memstudy.workflow.plan.Job
+        The plan's jobs, in the plan's order.
+    staged : set of str
+        ``Job.notebook`` of the jobs whose notebook is in the book.
+    prefix : str
+        Folder of the staged notebooks, relative to the book's source (``book/notebooks/<plan>``).
+
+    Returns
+    -------
+    dict
+        A ``jb-book`` table of contents (see :func:`stage_plan` for its parts); parts without a page
+        are left out.
+    """
+
+    def page(job: Job) -> dict[str, Any]:
+        return {"file": f"{prefix}/{job.notebook.removesuffix('.ipynb')}"}
+
+    present = [job for job in jobs if job.notebook in staged]
+    runs: dict[Run, list[Job]] = {}  # run → its jobs, in plan order
+    for job in present:
+        if job.run is not None:
+            runs.setdefault(job.run, []).append(job)
+    parts: dict[str, list[dict[str, Any]]] = {}  # caption → chapters, dataset × model in plan order
+    for run, run_jobs in runs.items():
+        caption = f"{run.dataset} × {_MODEL_NAMES.get(run.model, run.model)}"
+        first, rest = run_jobs[0], run_jobs[1:]
+        if first.step == "train":
+            chapters = [{**page(first), "sections": [page(job) for job in rest]} if rest else page(first)]
+        else:  # training page missing: the run's other pages stand alone rather than under another one
+            chapters = [page(job) for job in run_jobs]
+        parts.setdefault(caption, []).extend(chapters)
+
+    def part(caption: str, chapters: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{"caption": caption, "chapters": chapters}] if chapters else []
+
+    return {
+        "format": "jb-book",
+        "root": INTRO,
+        "parts": [
+            *part("The study", [{"file": name} for name in STUDY_CHAPTERS]),
+            *part("Data", [page(job) for job in present if job.step == "data"]),
+            *[entry for caption, chapters in parts.items() for entry in part(caption, chapters)],
+            # Plan-wide pages (the comparison): the jobs of no run, other than the data pages.
+            *part("Comparison", [page(job) for job in present if job.run is None and job.step != "data"]),
+            *part("Use it", [{"file": name} for name in USE_CHAPTERS]),
+        ],
+    }
+
+
+def present_notebook(notebook: Any, title: str, *, where: str | os.PathLike = "notebook") -> None:
+    """Prepare an executed notebook for the book, in place.
+
+    * The first ``# `` heading becomes ``# <title>`` (a heading cell is added when there is none), so
+      pages of the same notebook with different parameters have different titles.
+    * When papermill injected parameters (the cell tagged ``injected-parameters``), a markdown table of
+      them (tagged ``memstudy-parameters``) takes that cell's place, and both the injected cell and the
+      notebook's own ``parameters`` cell (its defaults) are tagged ``remove-cell``. The table lists each
+      injected name with its value as a Python literal (``repr``; dicts and lists inline), then each
+      default the run did not override, marked "(notebook default)".
+
+    Parameters
+    ----------
+    notebook : nbformat.NotebookNode
+        An executed notebook (nbformat 4).
+    title : str
+        The page's title.
+    where : str or path
+        Names the notebook in error messages.
+
+    Raises
+    ------
+    ValueError
+        If a parameters cell is not valid Python.
+    """
+    import nbformat
+
+    for cell in notebook.cells:
+        if cell.cell_type == "markdown":
+            lines = cell.source.split("\n")
+            heading = next((i for i, line in enumerate(lines) if line.startswith("# ")), None)
+            if heading is not None:
+                lines[heading] = f"# {title}"
+                cell.source = "\n".join(lines)
+                break
+    else:
+        notebook.cells.insert(0, nbformat.v4.new_markdown_cell(f"# {title}"))
+
+    def tagged(tag: str) -> list[int]:
+        return [i for i, cell in enumerate(notebook.cells) if tag in cell.get("metadata", {}).get("tags", [])]
+
+    injected = tagged("injected-parameters")
+    if not injected:
+        return  # the defaults ran, and the parameters cell shows them
+    values: dict[str, str] = {}
+    for index in injected:
+        values.update(_assignments(notebook.cells[index].source, f"{where}: cell {index}"))
+    defaults = {}
+    for index in tagged("parameters"):
+        defaults.update(_assignments(notebook.cells[index].source, f"{where}: cell {index}"))
+    rows = [f"| `{name}` | {_code(value)} |" for name, value in values.items()]
+    rows += [
+        f"| `{name}` | {_code(value)} (notebook default) |"
+        for name, value in defaults.items()
+        if name not in values
+    ]
+    table = nbformat.v4.new_markdown_cell(
+        "**Parameters of this run**\n\n| parameter | value |\n| --- | --- |\n" + "\n".join(rows)
+    )
+    table.metadata["tags"] = [PARAMETER_TABLE_TAG]
+    for index in injected + tagged("parameters"):
+        tags = notebook.cells[index].metadata.setdefault("tags", [])
+        if "remove-cell" not in tags:
+            tags.append("remove-cell")
+    notebook.cells.insert(injected[-1] + 1, table)
+
+
+def _assignments(code: str, where: str) -> dict[str, str]:
+    """The ``name = value`` statements of a parameters cell: name → value as a short Python literal."""
+    try:
+        tree = ast.parse(code)
+    except SyntaxError as error:
+        raise ValueError(
+            f"{where}: the parameters cell is not valid Python ({error.msg}, line {error.lineno})"
+        ) from None
+    found = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target = node.targets[0]
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            target = node.target
+        else:
+            continue
+        if not isinstance(target, ast.Name):
+            continue
+        try:
+            found[target.id] = repr(ast.literal_eval(node.value))
+        except (ValueError, TypeError, SyntaxError):  # an expression, not a literal: shown as written
+            found[target.id] = ast.get_source_segment(code, node.value) or ""
+    return found
+
+
+def _code(text: str) -> str:
+    """``text`` as a markdown code span inside a table cell."""
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    padded = f" {text} " if fence != "`" else text
+    return f"{fence}{padded}{fence}".replace("|", r"\|")
+
+
+def _read_notebook(content: bytes, path: Path) -> Any:
+    import nbformat
+
+    try:
+        return nbformat.reads(content.decode("utf-8"), as_version=4)
+    except (UnicodeDecodeError, ValueError) as error:  # NotJSONError is a ValueError
+        raise ValueError(f"{path}: not a readable notebook ({error})") from None
+
+
+def _remove_stale(staged_dir: Path, keep: set[Path]) -> None:
+    """Delete staged notebooks not in ``keep``, then the folders that became empty."""
+    for path in sorted(staged_dir.rglob("*.ipynb")):
+        if path not in keep:
+            logger.debug("removing stale %s", path)
+            path.unlink()
+    for folder in sorted((p for p in staged_dir.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        if not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def _require_file(path: Path, source: Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (needed to build the book from {source})")
 
 
 def build_book(
     source_dir: str | os.PathLike = ".",
     *,
+    toc: str | os.PathLike,
     build_dir: str | os.PathLike | None = None,
-    toc: str | os.PathLike = "book/_toc.yml",
     strict: bool = True,
 ) -> Path:
     """Build the book's HTML with Jupyter Book and check that it renders offline.
@@ -116,10 +416,11 @@ def build_book(
     ----------
     source_dir : path
         Folder holding ``_config.yml``; the Sphinx source directory.
+    toc : path
+        Table of contents (e.g. the one :func:`stage_plan` wrote), relative to ``source_dir`` unless
+        absolute.
     build_dir : path, optional
         Folder that receives ``_build/`` (Jupyter Book's ``--path-output``); default ``source_dir``.
-    toc : path
-        Table of contents, relative to ``source_dir`` unless absolute.
     strict : bool
         Treat every Sphinx warning (a dropped output, a broken reference) as an error and re-read every
         page, so that warnings of unchanged pages are reported again.
@@ -142,8 +443,7 @@ def build_book(
     output = Path(build_dir).resolve() if build_dir is not None else source
     toc_path = source / toc
     for required in (source / "_config.yml", toc_path):
-        if not required.is_file():
-            raise FileNotFoundError(f"{required}: no such file (needed to build the book from {source})")
+        _require_file(required, source)
 
     # jupyter_book has no `python -m` entry point; calling its click main keeps this interpreter's env.
     command = [
@@ -321,24 +621,42 @@ def add_book_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     """
     parser = subparsers.add_parser(
         "book",
-        help="build the book (offline HTML) from the executed notebooks",
-        description="Build the Jupyter Book with warnings as errors, then check that no page loads "
-        "anything from the network. The HTML goes to SOURCE/_build/html.",
+        help="build the book (offline HTML) from a plan's executed notebooks",
+        description="Stage the plan's executed notebooks (RUNS_DIR/<plan name>/, written by memstudy "
+        "study) into SOURCE/book/notebooks/<plan name>/ with a table of contents generated from the "
+        "plan, build the Jupyter Book with warnings as errors, then check that no page loads anything "
+        "from the network. Notebooks that are missing (not run or failed) are named in a warning and "
+        "left out. The HTML goes to SOURCE/_build/html.",
+    )
+    parser.add_argument(
+        "--plan",
+        type=Path,
+        default=Path("plans/default.yaml"),
+        metavar="PLAN",
+        help="the plan whose notebooks make the book (default: plans/default.yaml)",
+    )
+    parser.add_argument(
+        "--runs-dir",
+        type=Path,
+        default=Path("runs"),
+        metavar="DIR",
+        help="folder holding the plan's folder, as for memstudy study (default: runs)",
     )
     parser.add_argument(
         "--source",
         type=Path,
         default=Path("."),
         metavar="DIR",
-        help="folder with _config.yml and book/_toc.yml (default: the current folder)",
+        help="folder with _config.yml and the hand-written chapters in book/ (default: the current folder)",
     )
     parser.set_defaults(func=_book_command)
     return parser
 
 
 def _book_command(args: argparse.Namespace) -> int:
+    staged = stage_plan(args.plan, runs_dir=args.runs_dir, source=args.source)
     try:
-        html_dir = build_book(args.source)
+        html_dir = build_book(args.source, toc=staged.toc)
     except BookBuildError as error:
         logger.error("%s", error)
         return 1

@@ -1,16 +1,20 @@
-"""The offline book: an executed notebook builds with -W and renders without a network or a kernel."""
+"""The offline book: a plan's executed notebooks are staged with a generated table of contents, titled
+and with their parameters as a table; the book builds with -W and renders without a network or kernel."""
 
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
 
 import nbformat
 import pytest
+import yaml
 from conftest import probe_in_chromium
 
 from memstudy.book import (
@@ -18,8 +22,9 @@ from memstudy.book import (
     add_book_command,
     build_book,
     check_offline,
-    use_offline_plotly_renderer,
+    stage_plan,
 )
+from memstudy.figures import use_offline_plotly_renderer
 
 REPO = Path(__file__).resolve().parents[1]
 PAGE = Path("book", "notebooks", "demo.html")
@@ -29,7 +34,7 @@ CELLS = [
     (
         "code",
         "import io\n\nimport ipywidgets as widgets\nimport plotly.graph_objects as go\n"
-        "from PIL import Image\n\nfrom memstudy.book import use_offline_plotly_renderer\n\n"
+        "from PIL import Image\n\nfrom memstudy.figures import use_offline_plotly_renderer\n\n"
         "use_offline_plotly_renderer()",
     ),
     ("code", "go.Figure(go.Scatter(y=[1, 3, 2], mode='lines+markers'))"),
@@ -75,7 +80,7 @@ def book_html(tmp_path_factory, jupyter_kernel) -> Path:
     ]
     executed = write_book(root, notebook)
     papermill.execute_notebook(executed, executed, kernel_name=jupyter_kernel, progress_bar=False)
-    return build_book(root)
+    return build_book(root, toc="book/_toc.yml")
 
 
 @pytest.mark.slow
@@ -114,7 +119,7 @@ def test_plotly_mimetype_output_fails_the_strict_build(tmp_path):
     notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# Dropped"), cell])
     write_book(tmp_path, notebook)
     with pytest.raises(BookBuildError, match=r"unknown output mime type: application/vnd\.plotly\.v1\+json"):
-        build_book(tmp_path)
+        build_book(tmp_path, toc="book/_toc.yml")
     assert (tmp_path / "_build" / "build.log").is_file()
 
 
@@ -168,13 +173,20 @@ def test_vendored_plotlyjs_is_the_installed_packages_copy():
     assert vendored.read_bytes() == installed.read_bytes(), "plotly changed: run book/_vendor/fetch.sh"
 
 
-def test_book_command_parses_source_and_a_missing_config_is_named(tmp_path):
+def test_book_command_parses_its_options_and_a_missing_config_is_named(tmp_path):
     parser = argparse.ArgumentParser(prog="memstudy")
     add_book_command(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["book", "--source", str(tmp_path)])
-    assert args.source == tmp_path
+    args = parser.parse_args(["book", "--plan", "p.yaml", "--runs-dir", "r", "--source", str(tmp_path)])
+    assert (args.plan, args.runs_dir, args.source) == (Path("p.yaml"), Path("r"), tmp_path)
+    defaults = parser.parse_args(["book"])
+    assert (defaults.plan, defaults.runs_dir, defaults.source) == (
+        Path("plans/default.yaml"),
+        Path("runs"),
+        Path("."),
+    )
     with pytest.raises(FileNotFoundError, match=r"_config\.yml: no such file"):
         args.func(args)
+    assert not (tmp_path / "book").exists()
 
 
 PROBE = """<script>
@@ -212,3 +224,216 @@ def test_page_renders_offline_in_headless_chromium(book_html, tmp_path):
     probe.write_text((book_html / PAGE).read_text().replace("</body>", PROBE))
     seen = probe_in_chromium(probe, tmp_path, budget_ms=8000)
     assert seen == {"plots": 1, "tabs": 1, "images": 2, "math": 2, "before": False, "after": True}
+
+
+# A plan's executed notebooks → the book's pages and table of contents (no kernel: notebooks are made
+# with nbformat, parameters injected by papermill's own function, as `papermill -p` does).
+
+TINY_PLAN = """\
+name: tiny
+datasets:
+  cxr-phantom: {options: {size: 16}, train_subjects: [2]}
+  brain-phantom: {options: {size: 16, holdout: 1}, train_subjects: [1]}
+models:
+  ddpm: {steps: 4, checkpoints: [4], overrides: {batch_size: 2}}
+"""
+PAGES = "book/notebooks/tiny"
+NOT_RUN = "brain-phantom/ddpm/n1-s0/04_memorization-4.ipynb"
+FAILED = "cxr-phantom/ddpm/n2-s0/03_sample-4.ipynb"  # the workflow keeps only 03_sample-4.failed.ipynb
+FAILED_IN_PLACE = "cxr-phantom/ddpm/n2-s0/04_memorization-4.ipynb"  # papermill's exception mark
+DEFAULTS = "dataset = 'brain-phantom'  # a comment\nsize = 64\nextra = {'a': [1, 2]}"
+
+
+def executed_notebook(
+    parameters: dict, *, failed: bool = False, output: str = "done", defaults: str = DEFAULTS
+) -> nbformat.NotebookNode:
+    """A notebook as papermill leaves it: heading, defaults, injected parameters, one output."""
+    from papermill.parameterize import parameterize_notebook
+
+    notebook = nbformat.v4.new_notebook(
+        metadata={"kernelspec": {"name": "python3", "language": "python", "display_name": "Python 3"}}
+    )
+    notebook.metadata["papermill"] = {}
+    parameters_cell = nbformat.v4.new_code_cell(defaults, metadata={"tags": ["parameters"]})
+    work = nbformat.v4.new_code_cell("print(dataset)", execution_count=3)
+    work.outputs = [nbformat.v4.new_output("stream", name="stdout", text=output)]
+    notebook.cells = [
+        nbformat.v4.new_markdown_cell("Intro text\n# Step heading\n\n**Overview.** What it does."),
+        parameters_cell,
+        work,
+    ]
+    for cell in notebook.cells:  # as papermill's notebook loader leaves them
+        cell.metadata.setdefault("tags", [])
+    notebook = parameterize_notebook(notebook, parameters)
+    notebook.metadata.papermill["exception"] = True if failed else None
+    return notebook
+
+
+@pytest.fixture
+def tiny_plan(tmp_path):
+    """A plan with 2 datasets × 1 model × 1 size × 1 checkpoint, every notebook executed except two:
+    one never ran, two failed. Returns (plan file, runs folder, book source, jobs)."""
+    from memstudy.workflow.plan import load_plan
+
+    plan = tmp_path / "tiny.yaml"
+    plan.write_text(TINY_PLAN)
+    runs, source = tmp_path / "runs", tmp_path / "source"
+    source.mkdir()
+    (source / "_config.yml").write_text("title: test\n")
+    jobs = load_plan(plan).jobs()
+    for job in jobs:
+        if job.notebook != NOT_RUN:
+            path = runs / "tiny" / job.notebook
+            if job.notebook == FAILED:
+                path = path.with_suffix(".failed.ipynb")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            failed = job.notebook in (FAILED, FAILED_IN_PLACE)
+            nbformat.write(executed_notebook(job.parameters, failed=failed), path)
+    return plan, runs, source, jobs
+
+
+def page_files(toc: dict) -> list[str]:
+    return [toc["root"]] + [
+        entry["file"]
+        for part in toc["parts"]
+        for chapter in part["chapters"]
+        for entry in [chapter, *chapter.get("sections", [])]
+    ]
+
+
+def parameter_table(notebook: nbformat.NotebookNode) -> dict[str, str]:
+    """The staged notebook's parameter table: name → the cell's text (code span unwrapped)."""
+    [cell] = [c for c in notebook.cells if "memstudy-parameters" in c.metadata.get("tags", [])]
+    rows = re.findall(r"^\| `(\w+)` \| `(.*)`(.*) \|$", cell.source, re.MULTILINE)
+    return {name: (value.replace(r"\|", "|"), note.strip()) for name, value, note in rows}
+
+
+def test_toc_lists_the_executed_notebooks_in_plan_order_grouped_by_part(tiny_plan):
+    plan, runs, source, _ = tiny_plan
+    staged = stage_plan(plan, runs_dir=runs, source=source)
+    toc = yaml.safe_load(staged.toc.read_text())
+    assert staged.toc == source / PAGES / "_toc.yml"
+    cxr, brain = f"{PAGES}/cxr-phantom", f"{PAGES}/brain-phantom"
+    assert toc == {
+        "format": "jb-book",
+        "root": "book/intro",
+        "parts": [
+            {"caption": "The study", "chapters": [{"file": "book/methods"}]},
+            {"caption": "Data", "chapters": [{"file": f"{cxr}/01_data"}, {"file": f"{brain}/01_data"}]},
+            {
+                "caption": "cxr-phantom × DDPM",
+                "chapters": [{"file": f"{cxr}/ddpm/n2-s0/02_train"}],
+            },
+            {
+                "caption": "brain-phantom × DDPM",
+                "chapters": [
+                    {
+                        "file": f"{brain}/ddpm/n1-s0/02_train",
+                        "sections": [{"file": f"{brain}/ddpm/n1-s0/03_sample-4"}],
+                    }
+                ],
+            },
+            {"caption": "Comparison", "chapters": [{"file": f"{PAGES}/05_compare"}]},
+            {"caption": "Use it", "chapters": [{"file": "book/rerun"}, {"file": "book/references"}]},
+        ],
+    }
+    staged_files = {
+        p.relative_to(source).with_suffix("").as_posix() for p in (source / PAGES).rglob("*.ipynb")
+    }
+    assert staged_files == {f for f in page_files(toc) if f.startswith(PAGES)}
+    assert staged.missing == [FAILED, FAILED_IN_PLACE, NOT_RUN]
+
+
+def test_missing_and_failed_notebooks_are_named_in_one_warning(tiny_plan, caplog):
+    plan, runs, source, _ = tiny_plan
+    with caplog.at_level(logging.WARNING, logger="memstudy"):
+        stage_plan(plan, runs_dir=runs, source=source)
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    message = warning.getMessage()
+    assert f"{FAILED} (failed)" in message and f"{FAILED_IN_PLACE} (failed)" in message
+    assert NOT_RUN in message and f"{NOT_RUN} (failed)" not in message
+    assert "3 of 9 notebooks" in message and "\n" not in message
+
+
+def test_pages_are_titled_by_their_job_and_show_the_injected_parameters_as_a_table(tiny_plan):
+    plan, runs, source, jobs = tiny_plan
+    stage_plan(plan, runs_dir=runs, source=source)
+    titles = []
+    for job in jobs:
+        if job.notebook in (NOT_RUN, FAILED, FAILED_IN_PLACE):
+            continue
+        notebook = nbformat.read(source / PAGES / job.notebook, as_version=4)
+        heading = notebook.cells[0].source.split("\n")
+        assert heading[:3] == ["Intro text", f"# {job.title}", ""], job.notebook
+        titles.append(job.title)
+        table = parameter_table(notebook)
+        injected = {name: ast.literal_eval(value) for name, (value, note) in table.items() if not note}
+        assert injected == job.parameters
+        defaults = {name: (value, note) for name, (value, note) in table.items() if note}
+        expected = {
+            "size": ("64", "(notebook default)"),
+            "dataset": ("'brain-phantom'", "(notebook default)"),
+        }
+        expected = {k: v for k, v in expected.items() if k not in job.parameters}
+        assert defaults == {**expected, "extra": ("{'a': [1, 2]}", "(notebook default)")}
+        hidden = [c for c in notebook.cells if "remove-cell" in c.metadata.get("tags", [])]
+        assert [c.metadata["tags"][0] for c in hidden] == ["parameters", "injected-parameters"]
+        shown = [c for c in notebook.cells if c not in hidden]
+        assert [c.cell_type for c in shown] == ["markdown", "markdown", "code"]
+        assert shown[2].outputs[0]["text"] == "done"
+    assert len(titles) == len(set(titles)) == 6
+    assert titles[0] != titles[1] and {"Data: cxr-phantom (16 px)", "Data: brain-phantom (16 px)"} <= set(
+        titles
+    )
+
+
+def test_a_value_with_a_pipe_or_backtick_stays_in_its_table_cell_and_an_expression_shows_as_written():
+    from memstudy.book import present_notebook
+
+    notebook = executed_notebook(
+        {"pattern": "a|b", "quote": "x`y"}, defaults="pattern = None\nscale: float = 2 ** -3\nn = len('ab')"
+    )
+    present_notebook(notebook, "Title")
+    [table] = [c for c in notebook.cells if "memstudy-parameters" in c.metadata.get("tags", [])]
+    assert table.source.splitlines()[4:] == [
+        r"| `pattern` | `'a\|b'` |",
+        "| `quote` | `` 'x`y' `` |",
+        "| `scale` | `2 ** -3` (notebook default) |",
+        "| `n` | `len('ab')` (notebook default) |",
+    ]
+
+
+def test_restaging_rewrites_only_changed_notebooks_and_removes_stale_ones(tiny_plan):
+    plan, runs, source, jobs = tiny_plan
+    stage_plan(plan, runs_dir=runs, source=source)
+    staged = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (source / PAGES).rglob("*.ipynb")}
+    changed, removed = jobs[0].notebook, "brain-phantom/ddpm/n1-s0/03_sample-4.ipynb"
+    nbformat.write(executed_notebook(jobs[0].parameters, output="new output"), runs / "tiny" / changed)
+    (runs / "tiny" / removed).unlink()
+
+    result = stage_plan(plan, runs_dir=runs, source=source)
+    now = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (source / PAGES).rglob("*.ipynb")}
+    assert set(staged) - set(now) == {source / PAGES / removed}
+    rewritten = {p for p in now if now[p] != staged[p]}
+    assert rewritten == {source / PAGES / changed}
+    restaged = nbformat.read(source / PAGES / changed, as_version=4)
+    assert [o["text"] for c in restaged.cells if c.cell_type == "code" for o in c.outputs] == ["new output"]
+    assert removed not in result.pages and removed in result.missing
+    assert f"{PAGES}/{removed.removesuffix('.ipynb')}" not in page_files(
+        yaml.safe_load(result.toc.read_text())
+    )
+
+
+def test_a_plan_that_has_not_run_is_a_clear_error(tiny_plan):
+    plan, runs, source, _ = tiny_plan
+    shutil.rmtree(runs / "tiny")
+    for folder in (runs / "tiny", tmp := runs.parent / "elsewhere" / "tiny"):
+        folder.mkdir(parents=True)
+        runs_dir = folder.parent
+        with pytest.raises(
+            FileNotFoundError, match=r"no executed notebook of plan 'tiny'.*run `memstudy study --plan "
+        ):
+            stage_plan(plan, runs_dir=runs_dir, source=source)
+    with pytest.raises(FileNotFoundError, match=rf"--runs-dir {re.escape(str(tmp.parent))}` first"):
+        stage_plan(plan, runs_dir=tmp.parent, source=source)
+    assert not (source / PAGES).exists()

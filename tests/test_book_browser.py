@@ -1,16 +1,18 @@
-"""The default plan's book in headless Chromium: every page loads from 127.0.0.1 alone, without errors.
+"""The smoke plan's book in headless Chromium: every page loads from 127.0.0.1 alone, without errors.
 
-The book is built once per module into a temporary folder (the repository's ``book/notebooks`` and
-``_build`` are not touched): the default plan is executed with papermill into a private data cache, then
-built by ``build_book``. The pages are served by ``http.server`` on 127.0.0.1 and opened by Playwright in
-the Debian ``chromium`` (Playwright's own browser download does not work offline). A full-page
-screenshot of each page goes to ``_build/screenshots/`` beside the built HTML, and is also copied to
+The book is built once per module into a temporary folder (the repository's ``runs``, ``book/notebooks``
+and ``_build`` are not touched) from the smoke plan's folder that ``memstudy study`` wrote (the session
+fixture ``smoke_study``, shared with ``tests/test_study.py``): staged by ``stage_plan``, built by
+``build_book``. The pages are served by ``http.server`` on 127.0.0.1 and opened by Playwright in the
+Debian ``chromium`` (Playwright's own browser download does not work offline). A full-page screenshot of
+each page goes to ``_build/screenshots/`` beside the built HTML, and is also copied to
 ``$MEMSTUDY_SCREENSHOTS`` when that variable names a folder.
 """
 
 from __future__ import annotations
 
 import functools
+import html
 import os
 import re
 import shutil
@@ -24,12 +26,13 @@ import pytest
 from conftest import CHROMIUM_FLAGS, chromium_or_skip
 from PIL import Image
 
-from memstudy.book import build_book, check_offline
-from memstudy.study import run_plan
+from memstudy.book import build_book, check_offline, stage_plan
+from memstudy.workflow.plan import load_plan
 
 REPO = Path(__file__).resolve().parents[1]
-PLAN = REPO / "plans" / "default.yaml"
-MAX_SITE_BYTES = 60 * 1000**2  # issue 10: the default plan's whole site stays under 60 MB
+PLAN = REPO / "plans" / "smoke.yaml"
+# Issue 10: the default plan's whole site stays under 60 MB; so must the smoke one.
+MAX_SITE_BYTES = 60 * 1000**2
 # Belt and braces behind the route that aborts every other host: a request that escaped it would
 # fail to resolve instead of reaching the network.
 OFFLINE_FLAGS = [*CHROMIUM_FLAGS, "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]
@@ -44,20 +47,20 @@ PLOTS_DRAWN = (
 
 
 @pytest.fixture(scope="module")
-def default_book(tmp_path_factory, jupyter_kernel) -> Path:
-    """Execute the default plan and build its book in a temporary folder; return ``_build/html``."""
-    root = tmp_path_factory.mktemp("default-book")
+def smoke_book(tmp_path_factory, smoke_study) -> Path:
+    """Stage the smoke study's notebooks and build its book in a temporary folder; return ``_build/html``."""
+    root = tmp_path_factory.mktemp("smoke-book")
     shutil.copy(REPO / "_config.yml", root)
     shutil.copytree(REPO / "book", root / "book", ignore=shutil.ignore_patterns("notebooks"))
-    # A module fixture runs before the autouse per-test cache, so it sets its own.
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MEMSTUDY_CACHE", str(tmp_path_factory.mktemp("default-book-cache")))
-        run_plan(PLAN, output_dir=root / "book" / "notebooks")
-    return build_book(root)
+    result = smoke_study["result"]
+    assert result.returncode == 0, f"memstudy study failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
+    staged = stage_plan(PLAN, runs_dir=smoke_study["plan_dir"].parent, source=root)
+    assert staged.missing == []
+    return build_book(root, toc=staged.toc)
 
 
 @pytest.fixture
-def served(default_book) -> Iterator[tuple[str, list[str]]]:
+def served(smoke_book) -> Iterator[tuple[str, list[str]]]:
     """Serve the built book on 127.0.0.1 (a free port) from a thread.
 
     Yields its base URL and the list of requests it answered with an error status, which also
@@ -73,7 +76,7 @@ def served(default_book) -> Iterator[tuple[str, list[str]]]:
         def log_message(self, format, *args):
             pass
 
-    handler = functools.partial(RecordingHandler, directory=default_book)
+    handler = functools.partial(RecordingHandler, directory=smoke_book)
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -91,24 +94,39 @@ def book_pages(html_dir: Path) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_default_book_is_offline_and_under_60_mb(default_book):
-    assert check_offline(default_book) == []
-    size = sum(f.stat().st_size for f in default_book.rglob("*") if f.is_file())
+def test_smoke_book_is_offline_and_under_60_mb(smoke_book):
+    assert check_offline(smoke_book) == []
+    size = sum(f.stat().st_size for f in smoke_book.rglob("*") if f.is_file())
     assert size < MAX_SITE_BYTES, f"the site is {size / 1e6:.1f} MB"
 
 
 @pytest.mark.slow
-def test_every_page_loads_from_localhost_alone_without_errors(default_book, served):
+def test_each_notebook_page_has_its_jobs_title_and_a_parameter_table_instead_of_code(smoke_book):
+    titles = []
+    for job in load_plan(PLAN).jobs():
+        page = smoke_book / "book" / "notebooks" / "smoke" / job.notebook.replace(".ipynb", ".html")
+        source = page.read_text(encoding="utf-8")
+        heading = re.search(r"<h1>([^<]*)<a class=\"headerlink\"", source)
+        assert heading and html.unescape(heading.group(1)).strip() == job.title, page
+        titles.append(job.title)
+        assert "Parameters of this run" in source, page
+        # myst-nb marks each cell with its tags; removed cells leave no trace.
+        assert "tag_injected-parameters" not in source and "tag_parameters" not in source, page
+    assert len(set(titles)) == len(titles)
+
+
+@pytest.mark.slow
+def test_every_page_loads_from_localhost_alone_without_errors(smoke_book, served):
     base, server_errors = served
     chromium = chromium_or_skip()
     from playwright.sync_api import sync_playwright
 
     origin = urlsplit(base).netloc
-    shots = default_book.parent / "screenshots"
+    shots = smoke_book.parent / "screenshots"
     shots.mkdir()
-    pages = book_pages(default_book)
-    assert {"index.html", "book/methods.html", "book/notebooks/01_data-cxr-phantom.html"} <= {
-        p.relative_to(default_book).as_posix() for p in pages
+    pages = book_pages(smoke_book)
+    assert {"index.html", "book/methods.html", "book/notebooks/smoke/cxr-phantom/01_data.html"} <= {
+        p.relative_to(smoke_book).as_posix() for p in pages
     }
     problems: list[str] = []
     figures = {}  # page → plotly figures in its HTML source, and drawn ones in the browser
@@ -124,7 +142,7 @@ def test_every_page_loads_from_localhost_alone_without_errors(default_book, serv
         # Only requests that do not go to the book's server are routed, and all of them are refused.
         context.route(lambda url: urlsplit(url).netloc != origin, refuse)
         for page_path in pages:
-            name = page_path.relative_to(default_book).as_posix()
+            name = page_path.relative_to(smoke_book).as_posix()
             seen: list[str] = []
             page = context.new_page()
             page.on("requestfailed", lambda r, seen=seen: seen.append(f"failed {r.url} ({r.failure})"))
@@ -139,7 +157,7 @@ def test_every_page_loads_from_localhost_alone_without_errors(default_book, serv
             if redirect:  # the root index.html sends the reader to the first chapter
                 target = urljoin(base + name, redirect.group(1))
                 page.wait_for_url(target, wait_until="load", timeout=PAGE_TIMEOUT_MS)
-                source = (default_book / urlsplit(target).path.lstrip("/")).read_text(encoding="utf-8")
+                source = (smoke_book / urlsplit(target).path.lstrip("/")).read_text(encoding="utf-8")
             page.evaluate(SETTLED)
             expected = source.count('class="plotly-graph-div"')
             if expected:
@@ -162,6 +180,6 @@ def test_every_page_loads_from_localhost_alone_without_errors(default_book, serv
     assert sum(expected for expected, _ in figures.values()) > 0, "no page of the book has a plotly figure"
     for page_path in pages:
         with Image.open(
-            shots / (page_path.relative_to(default_book).as_posix().replace("/", "__") + ".png")
+            shots / (page_path.relative_to(smoke_book).as_posix().replace("/", "__") + ".png")
         ) as shot:
             assert shot.format == "PNG" and shot.width >= 1280 and shot.height >= 900

@@ -228,6 +228,10 @@ def test_a_failing_notebook_keeps_its_partial_output_and_the_target_untouched(tm
 
 @pytest.mark.slow
 def test_the_wheel_ships_the_snakefile_profiles_and_notebooks(tmp_path):
+    source = tmp_path / "source"  # setuptools writes build/ into the tree it builds
+    shutil.copytree(ROOT / "memstudy", source / "memstudy", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     subprocess.run(
         [
             sys.executable,
@@ -239,7 +243,7 @@ def test_the_wheel_ships_the_snakefile_profiles_and_notebooks(tmp_path):
             "-q",
             "-w",
             str(tmp_path),
-            str(ROOT),
+            str(source),
         ],
         check=True,
         capture_output=True,

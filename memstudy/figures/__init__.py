@@ -2,7 +2,8 @@
 
 ``data``: the data chapter (examples, images per subject, neighbour correlations); ``memorization``:
 max r against its baselines and memorization across runs; ``pairs``: the paper's top-pairs figure;
-``images``: what the figures and :mod:`memstudy.browser` show of an image.
+``images``: what the figures and :mod:`memstudy.browser` show of an image; ``offline``: the plotly
+renderer every notebook sets, whose HTML the offline book renders.
 
 The names below are imported on first use, so a notebook that draws one figure depends on that
 figure's module only (the workflow's code stamps, :mod:`memstudy.workflow.stamps`, follow this table).
@@ -27,6 +28,7 @@ _EXPORTS = {
         "memorization_curves",
         "per_sample_values",
     ),
+    "memstudy.figures.offline": ("use_offline_plotly_renderer",),
     "memstudy.figures.pairs": ("top_pair_order", "top_pairs"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -63,7 +63,15 @@ def kernel_name() -> str:
     root = cache_dir() / "jupyter"
     spec = root / "kernels" / name / "kernel.json"
     content = {
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        # The kernel's own start-up warnings (TCP transport on loopback) would fill every job's log.
+        "argv": [
+            sys.executable,
+            "-m",
+            "ipykernel_launcher",
+            "-f",
+            "{connection_file}",
+            "--IPKernelApp.log_level=ERROR",
+        ],
         "display_name": f"memstudy ({sys.executable})",
         "language": "python",
     }

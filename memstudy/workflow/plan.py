@@ -144,7 +144,10 @@ class Plan:
     def _data_job(self, dataset: str) -> Job:
         d = self.datasets[dataset]
         size = d["options"].get("size")
-        parameters = {"dataset": dataset, "root": d["root"], "size": size, "n_subjects": None, "seed": 0}
+        # The data page shows every subject the study draws from: training pool and held-out ones.
+        options = {key: value for key, value in d["options"].items() if key != "holdout"}
+        parameters = {"dataset": dataset, "root": d["root"], "data_options": options}
+        parameters |= {"n_subjects": None, "seed": 0}
         title = f"Data: {dataset}" + (f" ({size} px)" if size else "")
         return Job("data", f"{dataset}/01_data.ipynb", parameters, title, dataset=dataset)
 
