@@ -50,7 +50,8 @@ STAGED_DIR = Path("book", "notebooks")
 #: the chapters before the plan's pages and those after them.
 INTRO = "book/intro"
 STUDY_CHAPTERS = ("book/methods",)
-USE_CHAPTERS = ("book/rerun", "book/references")
+DISCUSSION_CHAPTERS = ("book/discussion",)
+USE_CHAPTERS = ("book/rerun", "book/teaching", "book/references")
 #: Tag of the markdown cell that shows a run's parameters in a staged notebook.
 PARAMETER_TABLE_TAG = "memstudy-parameters"
 _MODEL_NAMES = {"ddpm": "DDPM", "stylegan": "StyleGAN2"}
@@ -274,6 +275,7 @@ def book_toc(jobs: list[Job], staged: set[str], prefix: str) -> dict[str, Any]:
             *[entry for caption, chapters in parts.items() for entry in part(caption, chapters)],
             # Plan-wide pages (the comparison): the jobs of no run, other than the data pages.
             *part("Comparison", [page(job) for job in present if job.run is None and job.step != "data"]),
+            *part("Discussion", [{"file": name} for name in DISCUSSION_CHAPTERS]),
             *part("Use it", [{"file": name} for name in USE_CHAPTERS]),
         ],
     }

@@ -334,7 +334,11 @@ def test_toc_lists_the_executed_notebooks_in_plan_order_grouped_by_part(tiny_pla
                 ],
             },
             {"caption": "Comparison", "chapters": [{"file": f"{PAGES}/05_compare"}]},
-            {"caption": "Use it", "chapters": [{"file": "book/rerun"}, {"file": "book/references"}]},
+            {"caption": "Discussion", "chapters": [{"file": "book/discussion"}]},
+            {
+                "caption": "Use it",
+                "chapters": [{"file": "book/rerun"}, {"file": "book/teaching"}, {"file": "book/references"}],
+            },
         ],
     }
     staged_files = {

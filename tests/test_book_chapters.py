@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from memstudy.book import INTRO, STUDY_CHAPTERS, USE_CHAPTERS, book_toc
+from memstudy.book import DISCUSSION_CHAPTERS, INTRO, STUDY_CHAPTERS, USE_CHAPTERS, book_toc
 from memstudy.cli import build_parser
 from memstudy.data.command import check_data_options, parse_data_options
 from memstudy.data.datasets import DATASETS
@@ -87,7 +87,7 @@ def test_memstudy_commands_finds_commands_and_skips_other_lines() -> None:
 
 
 def test_the_hand_written_chapters_are_every_page_of_book() -> None:
-    chapters = {INTRO, *STUDY_CHAPTERS, *USE_CHAPTERS}
+    chapters = {INTRO, *STUDY_CHAPTERS, *DISCUSSION_CHAPTERS, *USE_CHAPTERS}
     assert {"book/intro", "book/methods", "book/rerun", "book/references"} <= chapters
     assert {page.relative_to(ROOT).with_suffix("").as_posix() for page in PAGES} == chapters
 

@@ -143,9 +143,16 @@ def test_values_match_a_float64_pearson_reference(planted, sets):
     assert report.threshold == pytest.approx(np.quantile(held_max, QUANTILE), abs=R_TOL)
     assert report.margin_threshold == pytest.approx(np.quantile(held_margin, QUANTILE), abs=2 * R_TOL)
 
+    rh = float64_pearson(sets["holdout"].images, training.images)
+    np.testing.assert_allclose(report.holdout_values, np.sort(rh, axis=1)[:, ::-1][:, :3], rtol=0, atol=R_TOL)
+    np.testing.assert_array_equal(report.holdout_indices[:, 0], rh.argmax(axis=1))
+
     rt = float64_pearson(training.images, training.images)
     rt[training.groups[:, None] == training.groups[None, :]] = -np.inf
     np.testing.assert_allclose(report.train_max_r, rt.max(axis=1), rtol=0, atol=R_TOL)
+    np.testing.assert_allclose(report.train_values, np.sort(rt, axis=1)[:, ::-1][:, :3], rtol=0, atol=R_TOL)
+    np.testing.assert_array_equal(report.train_indices[:, 0], rt.argmax(axis=1))
+    assert (training.groups[report.train_indices] != training.groups[:, None]).all()
 
 
 def mann_whitney_check(report, synthetic_r: np.ndarray, holdout_r: np.ndarray) -> float:

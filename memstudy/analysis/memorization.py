@@ -64,11 +64,12 @@ class MemorizationReport:
     Per synthetic image (arrays of length N_syn): ``max_r``, ``margin``, ``other_subject_r``,
     ``transform`` and the top-k ``match_values`` / ``match_indices`` (into the training set as
     passed, even after dedup) with provenance ``match_names``, ``match_subjects`` (groups) and
-    ``match_slices`` (-1 where names carry no slice). Held-out counterparts: ``holdout_max_r``,
-    ``holdout_margin``, ``holdout_transform``. Baseline: ``train_max_r`` (each kept training image's
-    best r with another subject's images, zero lag). Calls: ``threshold`` and ``margin_threshold``
-    (the ``quantile`` of held-out ``max_r`` and ``margin``), ``likely_copies`` (indices),
-    ``fixed_thresholds``.
+    ``match_slices`` (-1 where names carry no slice). Held-out counterparts: ``holdout_values`` /
+    ``holdout_indices`` (top-k), ``holdout_max_r``, ``holdout_margin``, ``holdout_transform``.
+    Baseline: ``train_values`` / ``train_indices`` (each kept training image's top-k among other
+    subjects' images, zero lag; NaN / -1 with one subject) and ``train_max_r`` (their first
+    column). Calls: ``threshold`` and ``margin_threshold`` (the ``quantile`` of held-out ``max_r``
+    and ``margin``), ``likely_copies`` (indices), ``fixed_thresholds``.
     Test: ``mann_whitney_u``, ``mann_whitney_p``. Recurrence: ``best_match_counts`` (per training
     image, how many synthetic images have it as best match). Bookkeeping: ``channel``,
     ``transforms``, ``searches`` (engine calls) and ``pairs`` (image pairs they scored),
@@ -85,9 +86,13 @@ class MemorizationReport:
     match_names: np.ndarray
     match_subjects: np.ndarray
     match_slices: np.ndarray
+    holdout_values: np.ndarray
+    holdout_indices: np.ndarray
     holdout_max_r: np.ndarray
     holdout_margin: np.ndarray
     holdout_transform: np.ndarray
+    train_values: np.ndarray
+    train_indices: np.ndarray
     train_max_r: np.ndarray
     quantile: float
     threshold: float
@@ -436,13 +441,12 @@ def memorization_report(
     syn = match_set(pick(syn_images), train_images, groups, k, transforms, cost)
     held = match_set(pick(holdout.images), train_images, groups, k, transforms, cost)
     one_subject = np.unique(groups).size < 2
-    train_max_r = (
-        np.full(len(kept), np.nan)
-        if one_subject
-        else cost.topk(train_images, train_images, 1, exclude=Exclude(same_group=True, groups=groups))
-        .values[:, 0]
-        .astype(np.float64)
-    )
+    if one_subject:  # no image of another subject to match
+        train_values, train_indices = np.full((len(kept), k), np.nan, np.float32), np.full((len(kept), k), -1)
+    else:
+        train = cost.topk(train_images, train_images, k, exclude=Exclude(same_group=True, groups=groups))
+        train_values, train_indices = train.values, train.indices
+    train_max_r = train_values[:, 0].astype(np.float64)
 
     threshold = _quantile(held.max_r, quantile)
     margin_threshold = _quantile(held.margin, quantile)
@@ -455,7 +459,10 @@ def memorization_report(
         test = mannwhitneyu(syn_finite, held_finite, alternative="greater")
         u, p = float(test.statistic), float(test.pvalue)
 
-    match_indices = np.where(syn.indices >= 0, kept[np.maximum(syn.indices, 0)], -1)
+    def original(indices: np.ndarray) -> np.ndarray:  # indices into the training set as passed
+        return np.where(indices >= 0, kept[np.maximum(indices, 0)], -1)
+
+    match_indices = original(syn.indices)
     valid = match_indices >= 0
     names = np.array(training.names, dtype=object)
     positions = slice_positions(training.names)
@@ -477,9 +484,13 @@ def memorization_report(
             if positions is not None
             else np.full(match_indices.shape, -1)
         ),
+        holdout_values=held.values,
+        holdout_indices=original(held.indices),
         holdout_max_r=held.max_r,
         holdout_margin=held.margin,
         holdout_transform=held.transform,
+        train_values=train_values,
+        train_indices=original(train_indices),
         train_max_r=train_max_r,
         quantile=float(quantile),
         threshold=threshold,
