@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -20,6 +21,8 @@ from memstudy.workflow.plan import Job, load_plan, parse_only
 WORKFLOW_DIR = Path(__file__).resolve().parent
 SNAKEFILE = WORKFLOW_DIR / "Snakefile"
 PROFILES_DIR = WORKFLOW_DIR / "profiles"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,17 @@ def run_study(args: argparse.Namespace) -> int:
         profile=args.profile,
         extra=extra,
     )
+    if args.unlock:
+        status = subprocess.run([*command, "--unlock"]).returncode
+        print(f"study {plan.name}: {'unlocked' if status == 0 else 'could not unlock'} {plan_dir}")
+        return status
+    locks = plan_dir / ".snakemake" / "locks"
+    if locks.is_dir() and any(locks.iterdir()):
+        log.warning(
+            "%s is locked: by a study running now, or by one that was killed; if none is running, "
+            "run the same command with --unlock once",
+            plan_dir,
+        )
     jobs = plan.jobs(only)
     print(
         f"study {plan.name}: {len(jobs)} notebooks in {plan_dir} "
@@ -153,6 +167,11 @@ def add_study_command(commands: argparse._SubParsersAction) -> None:
         help="rerun these steps (data, train, sample, memorization, compare)",
     )
     parser.add_argument("--profile", help="a Snakemake profile: a packaged one by name (slurm) or a folder")
+    parser.add_argument(
+        "--unlock",
+        action="store_true",
+        help="remove the lock a killed study left on the plan's folder (run nothing)",
+    )
     parser.add_argument("snakemake_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     parser.set_defaults(func=run_study)
 
