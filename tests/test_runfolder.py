@@ -324,6 +324,16 @@ def test_summaries_are_found_at_run_depth_and_read_with_their_run_folder(tmp_pat
     ]
 
 
+def test_runs_made_by_hand_get_their_summary_written_from_their_reports(tmp_path):
+    run = fake_run(tmp_path / "run")
+    runfolder.write_train_record(run, checkpoints=[100, 200], **RECORD)
+    for step in (200, 100):
+        runfolder.write_report_rows(runfolder.report_path(run, step), [{"step": step}])
+    (found,) = runfolder.find_summaries(tmp_path)
+    assert found == runfolder.summary_path(run)
+    assert [row["step"] for row in json.loads(found.read_text())["rows"]] == [100, 200]
+
+
 def test_missing_or_malformed_summaries_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no run summaries"):
         runfolder.find_summaries(tmp_path)

@@ -173,9 +173,9 @@ def test_memstudy_run_executes_one_notebook_with_new_parameters_into_its_own_fol
     (executed,) = (tmp_path / "runs" / "adhoc").glob("01_data-*/01_data.ipynb")
     notebook = nbformat.read(executed, as_version=4)
     injected = next(c for c in notebook.cells if "injected-parameters" in c.metadata.get("tags", []))
-    assert "n_subjects = 6" in injected.source and "data_options = {'size': 32}" in injected.source
+    assert "n_subjects = 6" in injected.source and 'data_options = {"size": 32}' in injected.source
     bad = subprocess.run(
-        [*command[:4], "-p", "sise", "32"], capture_output=True, text=True, env=env, cwd=tmp_path
+        [*command[:5], "-p", "sise", "32"], capture_output=True, text=True, env=env, cwd=tmp_path
     )
     assert bad.returncode == 2
     assert "01_data.ipynb has no parameters ['sise']" in bad.stderr

@@ -121,7 +121,13 @@ def run_study(args: argparse.Namespace) -> int:
         f"({'dry run' if args.dry_run else f'{args.cores} cores'})"
     )
     since = time.time()
-    status = subprocess.run(command).returncode
+    process = subprocess.Popen(command)
+    try:
+        status = process.wait()
+    except KeyboardInterrupt:
+        # Snakemake got the Ctrl-C too: let it stop its jobs and release its lock before we exit.
+        process.wait()
+        raise
     if args.dry_run:
         return status
     results = outcomes(jobs, plan_dir, since)

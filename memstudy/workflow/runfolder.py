@@ -460,18 +460,32 @@ def write_run_summary(run_dir: str | os.PathLike, steps: Iterable[int]) -> Path:
 
 
 def find_summaries(plan_dir: str | os.PathLike) -> list[Path]:
-    """Every ``<plan_dir>/<dataset>/<model>/<run-id>/summary.json``, sorted.
+    """Every ``<plan_dir>/<dataset>/<model>/<run-id>/summary.json``, sorted; else the summaries of
+    runs made by hand.
+
+    A plan's folder has its summaries at run depth (the workflow's summary job writes them). Without
+    any, every run folder below ``plan_dir`` (one with ``train.json``) that has memorization reports
+    gets its ``summary.json`` written from them, so the step notebooks run one after another in one
+    folder with their defaults (02 → 03 → 04 → 05) give a comparison too.
 
     Raises
     ------
     FileNotFoundError
         There is none.
     """
-    found = sorted(Path(plan_dir).glob(f"*/*/*/{SUMMARY_FILE}"))
+    plan_dir = Path(plan_dir)
+    found = sorted(plan_dir.glob(f"*/*/*/{SUMMARY_FILE}"))
+    if not found:
+        for record in sorted(plan_dir.rglob(TRAIN_RECORD)):
+            steps = sorted(
+                int(p.stem) for p in (record.parent / "reports").glob("*.json") if p.stem.isdigit()
+            )
+            if steps:
+                found.append(write_run_summary(record.parent, steps))
     if not found:
         raise FileNotFoundError(
-            f"{plan_dir}: no run summaries (*/*/*/{SUMMARY_FILE}); run the study first "
-            "(memstudy study) or pass summaries=[...]"
+            f"{plan_dir}: no run summaries (*/*/*/{SUMMARY_FILE}) and no run folder with memorization "
+            "reports; run the study first (memstudy study) or pass summaries=[...]"
         )
     return found
 
