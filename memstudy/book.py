@@ -54,7 +54,6 @@ DISCUSSION_CHAPTERS = ("book/discussion",)
 USE_CHAPTERS = ("book/rerun", "book/teaching", "book/references")
 #: Tag of the markdown cell that shows a run's parameters in a staged notebook.
 PARAMETER_TABLE_TAG = "memstudy-parameters"
-_MODEL_NAMES = {"ddpm": "DDPM", "stylegan": "StyleGAN2"}
 
 # Hosts whose appearance in inline JavaScript means a script would be fetched at run time.
 _CDN_HOSTS = (
@@ -244,6 +243,7 @@ def book_toc(jobs: list[Job], staged: set[str], prefix: str) -> dict[str, Any]:
         A ``jb-book`` table of contents (see :func:`stage_plan` for its parts); parts without a page
         are left out.
     """
+    from memstudy.workflow.plan import model_name
 
     def page(job: Job) -> dict[str, Any]:
         return {"file": f"{prefix}/{job.notebook.removesuffix('.ipynb')}"}
@@ -255,7 +255,7 @@ def book_toc(jobs: list[Job], staged: set[str], prefix: str) -> dict[str, Any]:
             runs.setdefault(job.run, []).append(job)
     parts: dict[str, list[dict[str, Any]]] = {}  # caption → chapters, dataset × model in plan order
     for run, run_jobs in runs.items():
-        caption = f"{run.dataset} × {_MODEL_NAMES.get(run.model, run.model)}"
+        caption = f"{run.dataset} × {model_name(run.model)}"
         first, rest = run_jobs[0], run_jobs[1:]
         if first.step == "train":
             chapters = [{**page(first), "sections": [page(job) for job in rest]} if rest else page(first)]

@@ -175,16 +175,14 @@ class Plan:
             "run_dir": run.folder,
         }
         title = (
-            f"Train: {_model_name(run.model)} on {run.dataset}, {_subjects(run.n_subjects)} (seed {run.seed})"
+            f"Train: {model_name(run.model)} on {run.dataset}, {_subjects(run.n_subjects)} (seed {run.seed})"
         )
         return Job("train", f"{run.folder}/02_train.ipynb", parameters, title, run.dataset, run)
 
     def _sample_job(self, run: Run, step: int) -> Job:
         sampling = self.models[run.model]["sampling"]
         parameters = {"run_dir": run.folder, "step": step, **sampling, "device": self.device}
-        title = (
-            f"Samples: {_model_name(run.model)} on {run.dataset}, {_subjects(run.n_subjects)}, step {step}"
-        )
+        title = f"Samples: {model_name(run.model)} on {run.dataset}, {_subjects(run.n_subjects)}, step {step}"
         return Job(
             "sample", f"{run.folder}/03_sample-{step}.ipynb", parameters, title, run.dataset, run, step
         )
@@ -200,7 +198,7 @@ class Plan:
             "channels": list(d["channels"]),
             **self.memorization,
         }
-        what = f"{_model_name(run.model)} on {run.dataset}, {_subjects(run.n_subjects)}"
+        what = f"{model_name(run.model)} on {run.dataset}, {_subjects(run.n_subjects)}"
         title = f"Memorization: {what}, step {step}"
         return Job(
             "memorization",
@@ -218,7 +216,8 @@ class Plan:
         return Job("compare", "05_compare.ipynb", parameters, "Comparison of all runs")
 
 
-def _model_name(model: str) -> str:
+def model_name(model: str) -> str:
+    """How pages name a model (DDPM, StyleGAN2)."""
     return {"ddpm": "DDPM", "stylegan": "StyleGAN2"}.get(model, model)
 
 
