@@ -51,6 +51,39 @@ def test_cxr_phantom_images_are_independent(tmp_path):
     assert sorted(name.split("/")[0] for name in subset.names) == ["NORMAL"] * 2 + ["PNEUMONIA"] * 2
 
 
+def test_a_small_cxr_phantom_holds_the_first_images_of_a_larger_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMSTUDY_CACHE", str(tmp_path / "cache"))
+    small = load_dataset(
+        "cxr-phantom", phantom_per_class={"train": [2, 1]}, size=32, split="train", progress=False
+    )
+    # An independent reference: a set of another size, written straight by the generator.
+    larger = write_cxr_phantom(tmp_path / "larger", n_per_class={"train": (3, 2)}, progress=False)
+    reference = load_dataset("cxr-phantom", root=larger, size=32, split="train", progress=False)
+    assert len(small) == 3 and len(reference) == 5
+    position = {name: i for i, name in enumerate(reference.names)}
+    assert set(small.names) <= set(position)
+    for i, name in enumerate(small.names):
+        np.testing.assert_array_equal(small.images[i], reference.images[position[name]])
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("cxr-phantom", {"phantom_per_class": {"train": 4}}, "phantom_per_class must map splits"),
+        ("cxr-phantom", {"phantom_per_class": {"train": [1, -1]}}, "phantom_per_class must map splits"),
+        ("cxr-phantom", {"phantom_per_class": {"tarin": [1, 1]}}, "unknown splits"),
+        ("cxr-phantom", {"phantom_subjects": 3}, "cxr-phantom takes phantom_per_class"),
+        ("brain-phantom", {"phantom_per_class": {"train": [1, 1]}}, "brain-phantom takes phantom_subjects"),
+    ],
+)
+def test_phantom_size_options_are_checked_with_their_name(tmp_path, monkeypatch, name, options, message):
+    monkeypatch.setenv("MEMSTUDY_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match=message):
+        load_dataset(name, size=32, progress=False, **options)
+    phantoms = tmp_path / "cache" / "phantoms"
+    assert not phantoms.exists() or not any(phantoms.iterdir())  # refused before anything is written
+
+
 @pytest.mark.filterwarnings("ignore")  # the correlation engine may warn about images without a match
 def test_summaries_leave_out_and_count_nan_values():
     # One subject of four slices, slice z001 constant: it has no defined r with anything, and no

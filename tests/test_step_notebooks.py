@@ -1,10 +1,12 @@
-"""The step notebooks 02–05 execute through papermill at a tiny size, chained as the workflow chains them
-(train → sample → memorization → compare, in one plan folder), and a bad parameter of each stops its
-notebook with an error cell that says what was wrong."""
+"""The step notebooks 02–05 as the workflow chains them (train → sample → memorization → compare, in one
+plan folder): their outputs are checked against independent references on one run of the smoke study
+(the session fixture ``smoke_study``, which executed them through papermill), and a bad parameter of each
+stops its notebook with an error cell that says what was wrong."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -12,16 +14,16 @@ import numpy as np
 import pandas as pd
 import papermill
 import pytest
-from conftest import float64_pearson, write_xray
+from conftest import float64_pearson
 
 import memstudy
-from memstudy.workflow import runfolder
+from memstudy.workflow.plan import load_plan
 
 NOTEBOOKS = Path(memstudy.__file__).parent / "notebooks"
-RUN = "chestxray/ddpm/n8-s0"
-STEPS = (10, 20)
-N_SAMPLES = 6
-DATA = {"dataset": "chestxray", "data_options": {"size": 16}, "train_split": "train", "n_subjects": 8}
+SMOKE = load_plan(Path(__file__).resolve().parents[1] / "plans" / "smoke.yaml")
+RUN = "cxr-phantom/ddpm/n8-s0"  # the smoke plan's smaller chest x-ray DDPM run
+STEPS = tuple(SMOKE.models["ddpm"]["checkpoints"])
+N_SAMPLES = SMOKE.models["ddpm"]["sampling"]["n_samples"]
 #: The columns comparison.csv starts with, as the workflow issue's contract lists them.
 CONTRACT_COLUMNS = [
     "dataset",
@@ -40,6 +42,37 @@ CONTRACT_COLUMNS = [
     "frac_likely_copies",
     "train_train_median_max_r",
 ]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def plan(smoke_study) -> Path:
+    """The smoke study's plan folder (read only: tests that execute a notebook work on copies)."""
+    assert smoke_study["result"].returncode == 0, smoke_study["result"].stdout[-3000:]
+    return smoke_study["plan_dir"]
+
+
+@pytest.fixture(scope="module")
+def cxr_sets(smoke_study) -> dict:
+    """The run's training set and held-out set, loaded here from the plan's data options."""
+    from memstudy.data import load_dataset
+
+    dataset = SMOKE.datasets["cxr-phantom"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MEMSTUDY_CACHE", smoke_study["env"]["MEMSTUDY_CACHE"])
+        training = load_dataset(
+            "cxr-phantom", split="train", n_subjects=8, progress=False, **dataset["options"]
+        )
+        holdout = load_dataset(
+            "cxr-phantom", split=dataset["holdout_split"], progress=False, **dataset["options"]
+        )
+    return {"training": training, "holdout": holdout}
+
+
+def copy_run(plan: Path, folder: Path) -> Path:
+    """A copy of the run in a plan folder of its own, for tests that execute a notebook on it."""
+    shutil.copytree(plan / RUN, folder / RUN, ignore=shutil.ignore_patterns("*.ipynb"))
+    return folder
 
 
 def execute(notebook: str, output: Path, cwd: Path, kernel: str, **parameters) -> nbformat.NotebookNode:
@@ -82,115 +115,44 @@ def error_of(output: Path, kernel: str, notebook: str, cwd: Path, **parameters) 
     return errors[0]
 
 
-@pytest.fixture(scope="module")
-def xray_root(tmp_path_factory) -> Path:
-    """A Kermany layout with one radiograph per patient: 8 training patients, 12 other test patients."""
-    root = tmp_path_factory.mktemp("xrays") / "chest_xray"
-    for split, first, count in (("train", 0, 8), ("test", 100, 12)):
-        for i in range(first, first + count):
-            name = f"NORMAL/IM-{i:04d}-0001.jpeg" if i % 2 else f"PNEUMONIA/person{i}_bacteria_1.jpeg"
-            write_xray(root / split / name, (40, 40), seed=i)
-    return root
-
-
-@pytest.fixture(scope="module")
-def plan(tmp_path_factory, xray_root, jupyter_kernel) -> Path:
-    """A plan folder holding one run, trained, sampled and measured at two checkpoints, and compared."""
-    plan = tmp_path_factory.mktemp("plan")
-    data = {**DATA, "root": str(xray_root)}
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MEMSTUDY_CACHE", str(tmp_path_factory.mktemp("cache")))
-        patch.setenv("OMP_NUM_THREADS", "1")  # tiny models: a second thread only spins
-        execute(
-            "02_train.ipynb",
-            plan / RUN / "02_train.ipynb",
-            plan,
-            jupyter_kernel,
-            **data,
-            model="ddpm",
-            config="tiny",
-            overrides={"batch_size": 4, "base_channels": 8, "channel_mult": [1, 2]},
-            steps=STEPS[-1],
-            checkpoints=list(STEPS),
-            seed=0,
-            device="cpu",
-            run_dir=RUN,
-            run_key="key-1",
-        )
-        for step in STEPS:
-            execute(
-                "03_sample.ipynb",
-                plan / RUN / f"03_sample-{step}.ipynb",
-                plan,
-                jupyter_kernel,
-                run_dir=RUN,
-                step=step,
-                n_samples=N_SAMPLES,
-                sampler=None,
-                sample_steps=5,
-                seed=0,
-                device="cpu",
-                sample_key=f"samples-{step}",
-            )
-            execute(
-                "04_memorization.ipynb",
-                plan / RUN / f"04_memorization-{step}.ipynb",
-                plan,
-                jupyter_kernel,
-                run_dir=RUN,
-                step=step,
-                **data,
-                holdout_split="test",
-                channels=[None],
-                k=3,
-                max_browser_images=4,
-            )
-        runfolder.write_run_summary(plan / RUN, STEPS)  # the workflow's summary rule
-        execute("05_compare.ipynb", plan / "05_compare.ipynb", plan, jupyter_kernel)
-    return plan
-
-
-@pytest.mark.slow
 def test_training_keeps_the_checkpoints_and_records_the_run(plan):
     run = plan / RUN
     record = json.loads((run / "train.json").read_text())
-    assert {k: record[k] for k in ("steps", "checkpoints", "run_key", "model", "n_subjects")} == {
-        "steps": 20,
-        "checkpoints": [10, 20],
-        "run_key": "key-1",
+    steps = SMOKE.models["ddpm"]["steps"]
+    assert {k: record[k] for k in ("steps", "checkpoints", "model", "n_subjects")} == {
+        "steps": steps,
+        "checkpoints": list(STEPS),
         "model": "ddpm",
         "n_subjects": 8,
     }
-    assert record["n_train_images"] == 8  # one radiograph per patient in the fixture
-    assert (run / "run_key.txt").read_text().strip() == "key-1"
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000010.pt", "step_00000020.pt"]
+    assert record["n_train_images"] == 8  # one radiograph per patient
+    assert (run / "run_key.txt").read_text().strip() == record["run_key"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step_{s:08d}.pt" for s in STEPS]
     notebook = nbformat.read(run / "02_train.ipynb", as_version=4)
     values = glued(notebook)
-    assert values["n_train_images"] == "8" and values["outcome"] == "'new'" and values["kept"] == "'10, 20'"
+    assert values["n_train_images"] == "8" and values["outcome"] == "'new'"
+    assert values["kept"] == repr(", ".join(map(str, STEPS)))
     assert plotly_figures(notebook) == 1  # the loss curve
 
 
-@pytest.mark.slow
 def test_sampling_writes_an_image_set_per_checkpoint_with_its_provenance(plan):
+    sampler = f"ancestral-{SMOKE.models['ddpm']['sampling']['sample_steps']}"
     for step in STEPS:
         folder = plan / RUN / "samples" / str(step)
         images = np.load(folder / "images.npy")
-        assert images.dtype == np.uint8 and images.shape == (N_SAMPLES, 1, 16, 16)
+        assert images.dtype == np.uint8 and images.shape == (N_SAMPLES, 1, 32, 32)
         provenance = json.loads((folder / "meta.json").read_text())["provenance"]
-        assert provenance["checkpoint_step"] == step and provenance["sampler"] == "ancestral-5"
-        assert (folder / "sample_key.txt").read_text().strip() == f"samples-{step}"
+        assert provenance["checkpoint_step"] == step and provenance["sampler"] == sampler
+        assert (folder / "sample_key.txt").is_file()
         notebook = nbformat.read(plan / RUN / f"03_sample-{step}.ipynb", as_version=4)
-        assert glued(notebook)["sampler"] == "'ancestral-5'"
+        assert glued(notebook)["sampler"] == repr(sampler)
         assert plotly_figures(notebook) == 1
 
 
-@pytest.mark.slow
-def test_memorization_saves_exact_matches_and_report_rows(plan, xray_root):
-    from memstudy.data import load_dataset
-
+def test_memorization_saves_exact_matches_and_report_rows(plan, cxr_sets):
     run = plan / RUN
-    training = load_dataset("chestxray", root=xray_root, split="train", size=16, n_subjects=8, progress=False)
-    holdout = load_dataset("chestxray", root=xray_root, split="test", size=16, progress=False)
+    training, holdout = cxr_sets["training"], cxr_sets["holdout"]
+    assert len(training) == 8
     holdout_max_r = float64_pearson(holdout.images, training.images).max(axis=1)
     for step in STEPS:
         samples = np.load(run / "samples" / str(step) / "images.npy")
@@ -214,24 +176,30 @@ def test_memorization_saves_exact_matches_and_report_rows(plan, xray_root):
         assert glued(notebook)["n_samples"] == str(N_SAMPLES)
 
 
-@pytest.mark.slow
 def test_the_comparison_table_has_the_contract_columns_with_the_runs_values(plan):
     table = pd.read_csv(plan / "comparison.csv")
     assert list(table.columns[: len(CONTRACT_COLUMNS)]) == CONTRACT_COLUMNS
-    assert table["step"].tolist() == list(STEPS)
-    for step, row in zip(STEPS, table.itertuples(index=False), strict=True):
+    rows = table[table["run_dir"] == RUN]
+    assert rows["step"].tolist() == list(STEPS)
+    for step, row in zip(STEPS, rows.itertuples(index=False), strict=True):
         [report] = json.loads((plan / RUN / "reports" / f"{step}.json").read_text())
         assert row.median_max_r == pytest.approx(report["median_max_r"])
         assert row.frac_likely_copies == pytest.approx(report["frac_likely_copies"])
-        assert row.run_dir == RUN
     notebook = nbformat.read(plan / "05_compare.ipynb", as_version=4)
-    assert plotly_figures(notebook) == 1  # against step; one training-set size gives no size curve
+    assert plotly_figures(notebook) == 2  # against training-set size and against step
+    assert glued(notebook)["n_runs"] == str(table["run_dir"].nunique())
+
+
+def test_one_training_set_size_gives_no_size_curve(plan, tmp_path, jupyter_kernel):
+    alone = copy_run(plan, tmp_path / "plan")
+    notebook = execute("05_compare.ipynb", alone / "05_compare.ipynb", alone, jupyter_kernel)
+    assert plotly_figures(notebook) == 1  # against step only
     markdown = [o["data"]["text/markdown"] for o in outputs(notebook) if "text/markdown" in o.get("data", {})]
     assert markdown == ["Every run trains on 8 subjects: no size curve."]
     assert glued(notebook)["n_runs"] == "1"
+    assert pd.read_csv(alone / "comparison.csv")["step"].tolist() == list(STEPS)
 
 
-@pytest.mark.slow
 def test_an_unknown_model_stops_training_before_anything_is_written(tmp_path, jupyter_kernel):
     error = error_of(
         tmp_path / "out.ipynb", jupyter_kernel, "02_train.ipynb", tmp_path, model="gan", run_dir="run"
@@ -241,32 +209,43 @@ def test_an_unknown_model_stops_training_before_anything_is_written(tmp_path, ju
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.slow
 def test_sampling_a_checkpoint_training_did_not_keep_names_the_kept_ones(plan, tmp_path, jupyter_kernel):
-    error = error_of(tmp_path / "out.ipynb", jupyter_kernel, "03_sample.ipynb", plan, run_dir=RUN, step=15)
+    folder = copy_run(plan, tmp_path / "plan")
+    error = error_of(tmp_path / "out.ipynb", jupyter_kernel, "03_sample.ipynb", folder, run_dir=RUN, step=20)
     assert error["ename"] == "ValueError"
-    assert error["evalue"] == f"step=15: {RUN} kept checkpoints at steps [10, 20] only"
+    assert error["evalue"] == f"step=20: {RUN} kept checkpoints at steps {list(STEPS)} only"
 
 
-@pytest.mark.slow
-def test_memorization_on_other_training_data_says_the_data_changed(plan, xray_root, tmp_path, jupyter_kernel):
-    error = error_of(
-        tmp_path / "out.ipynb",
-        jupyter_kernel,
-        "04_memorization.ipynb",
-        plan,
-        run_dir=RUN,
-        step=20,
-        **{**DATA, "root": str(xray_root), "n_subjects": 6},
-        holdout_split="test",
-    )
+def test_memorization_on_other_training_data_says_the_data_changed(
+    plan, smoke_study, tmp_path, jupyter_kernel
+):
+    folder = copy_run(plan, tmp_path / "plan")
+    dataset = SMOKE.datasets["cxr-phantom"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MEMSTUDY_CACHE", smoke_study["env"]["MEMSTUDY_CACHE"])
+        error = error_of(
+            tmp_path / "out.ipynb",
+            jupyter_kernel,
+            "04_memorization.ipynb",
+            folder,
+            run_dir=RUN,
+            step=STEPS[-1],
+            dataset="cxr-phantom",
+            data_options=dataset["options"],
+            train_split="train",
+            n_subjects=6,
+            holdout_split=dataset["holdout_split"],
+        )
     assert error["ename"] == "ValueError"
     assert "params.json: the training set loaded now" in error["evalue"]
     assert "6 images) is not the one this run trained on" in error["evalue"]
     assert "the data changed since training" in error["evalue"]
+    assert not (folder / RUN / "reports" / f"{STEPS[-1]}.json").exists() or (
+        (folder / RUN / "reports" / f"{STEPS[-1]}.json").read_bytes()
+        == (plan / RUN / "reports" / f"{STEPS[-1]}.json").read_bytes()
+    )
 
 
-@pytest.mark.slow
 def test_comparing_a_missing_summary_names_it(tmp_path, jupyter_kernel):
     error = error_of(
         tmp_path / "out.ipynb", jupyter_kernel, "05_compare.ipynb", tmp_path, summaries=["gone/summary.json"]

@@ -10,7 +10,7 @@ import torch
 
 from memstudy.models.configs import resolve_config
 from memstudy.models.distributed import DistInfo, resolve_device
-from memstudy.models.training import _TRAINERS, derive_seed, flush_denormals, to_model_range
+from memstudy.models.training import _TRAINERS, derive_seed, flush_denormals, to_model_range, trainer_class
 
 # Image shapes benchmarked per config: the CPU demo size, and BraTS' 5 channels at the paper's 256 px.
 BENCH_SHAPES = {"tiny": (1, 32, 32), "paper": (5, 256, 256)}
@@ -56,10 +56,10 @@ def bench_train(
     results = []
     for config_name in configs:
         shape = BENCH_SHAPES[config_name]
-        for model_name, trainer_cls in _TRAINERS.items():
+        for model_name in _TRAINERS:
             cfg = resolve_config(model_name, config_name)
             torch.manual_seed(derive_seed(seed, 0))
-            trainer = trainer_cls(cfg, shape, dev, DistInfo(device=dev))
+            trainer = trainer_class(model_name)(cfg, shape, dev, DistInfo(device=dev))
             rng = np.random.default_rng(seed)
             batch = to_model_range(rng.integers(0, 256, (cfg.batch_size, *shape), dtype=np.uint8)).to(dev)
             rounds = []

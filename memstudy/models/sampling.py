@@ -18,11 +18,10 @@ from tqdm.auto import tqdm
 
 from memstudy.atomic import atomic_dir
 from memstudy.data.imageset import IMAGES_FILE, ImageSet, write_meta
-from memstudy.models import ddpm, stylegan
 from memstudy.models.configs import DDPMConfig, TrainingConfig, resolve_config
 from memstudy.models.distributed import resolve_device
 from memstudy.models.runs import find_checkpoint, read_params
-from memstudy.models.training import _STREAM_SAMPLE, derive_seed, flush_denormals, to_uint8
+from memstudy.models.training import _STREAM_SAMPLE, derive_seed, flush_denormals, model_module, to_uint8
 
 
 def load_sampling_network(
@@ -38,9 +37,9 @@ def load_sampling_network(
     # The initial weights are overwritten; building them must not move the caller's random state.
     with torch.random.fork_rng(devices=[]):
         if model_name == "ddpm":
-            net, key = ddpm.build_unet(cfg, shape), "ema"
+            net, key = model_module("ddpm").build_unet(cfg, shape), "ema"
         else:
-            net, key = stylegan.Generator(cfg, shape), "G_ema"
+            net, key = model_module("stylegan").Generator(cfg, shape), "G_ema"
     net.load_state_dict(state["state"][key])
     return net.to(device).eval().requires_grad_(False), cfg, params, int(state["step"])
 
@@ -83,6 +82,7 @@ def sampler_settings(
     assert isinstance(config, DDPMConfig)
     if truncation_psi is not None:
         raise ValueError("truncation_psi applies to StyleGAN runs only; this is a ddpm run")
+    ddpm = model_module("ddpm")
     kind = config.sampler if sampler is None else sampler
     if kind not in ddpm.SAMPLERS:
         raise ValueError(f"unknown DDPM sampler {kind!r}; expected one of {ddpm.SAMPLERS}")
@@ -218,12 +218,12 @@ def _draw_into(
             generators = [image_generator(seed, i) for i in range(start, start + m)]
             bar.set_description(f"sampling batch {b + 1}/{len(batches)}")
             if settings["kind"] == "stylegan":
-                x = stylegan.generate(
+                x = model_module("stylegan").generate(
                     net, generators, truncation_psi=settings["truncation_psi"], device=device, amp=amp
                 )
                 bar.update(m)
             else:
-                x = ddpm.generate(
+                x = model_module("ddpm").generate(
                     net,
                     cfg,
                     tuple(shape),

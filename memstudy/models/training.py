@@ -9,6 +9,7 @@ needs no RNG state, and a resumed run on CPU repeats an uninterrupted one bit fo
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import math
 import os
@@ -16,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -23,7 +25,6 @@ import torch
 from tqdm.auto import tqdm
 
 from memstudy.data.imageset import ImageSet
-from memstudy.models import ddpm, stylegan
 from memstudy.models.configs import TrainingConfig, config_to_dict, resolve_config
 from memstudy.models.distributed import DistInfo, init_distributed, shutdown_distributed
 from memstudy.models.runs import (
@@ -38,10 +39,27 @@ from memstudy.models.runs import (
 
 logger = logging.getLogger(__name__)
 
-_TRAINERS = {"ddpm": ddpm.DDPMTrainer, "stylegan": stylegan.StyleGANTrainer}
+# Trainer class of each model, in that model's module.
+_TRAINERS = {"ddpm": "DDPMTrainer", "stylegan": "StyleGANTrainer"}
 # Independent random streams derived from the run's seed (new streams go at the end: the numbers of the
 # existing ones are part of every run's reproducibility).
 _STREAM_INIT, _STREAM_DATA, _STREAM_STEP, _STREAM_SAMPLE, _STREAM_MIRROR = range(5)
+
+
+def model_module(model_name: str) -> ModuleType:
+    """The module of one model (``memstudy.models.ddpm`` or ``.stylegan``), imported on first use.
+
+    Importing MONAI takes seconds, and a StyleGAN2 run never needs it. The workflow's code stamps add
+    the model's module explicitly (``memstudy.workflow.stamps``), since no static import names it.
+    """
+    return importlib.import_module(f"memstudy.models.{model_name}")
+
+
+def trainer_class(model_name: str) -> type:
+    """The trainer of ``model_name`` (``"ddpm"`` or ``"stylegan"``)."""
+    if model_name not in _TRAINERS:
+        raise ValueError(f"unknown model {model_name!r}; expected one of {tuple(_TRAINERS)}")
+    return getattr(model_module(model_name), _TRAINERS[model_name])
 
 
 @dataclass
@@ -157,9 +175,9 @@ def check_training_setup(
             f"image_size={config.image_size}; prepare the data at that size or override image_size"
         )
     if model_name == "ddpm":
-        ddpm.check_ddpm_shape(config, shape)
+        model_module("ddpm").check_ddpm_shape(config, shape)
     else:
-        stylegan.check_stylegan_shape(config, shape)
+        model_module("stylegan").check_stylegan_shape(config, shape)
     if len(imageset) < config.batch_size:
         raise ValueError(
             f"the ImageSet has {len(imageset)} images, fewer than batch_size={config.batch_size}; "
@@ -252,7 +270,7 @@ def _train_loop(
     progress: bool,
 ) -> TrainResult:
     torch.manual_seed(derive_seed(seed, _STREAM_INIT))  # identical initial weights on every rank
-    trainer = _TRAINERS[model_name](cfg, imageset.image_shape, dist.device, dist)
+    trainer = trainer_class(model_name)(cfg, imageset.image_shape, dist.device, dist)
     start, records = 0, []
     resumed = load_newest_checkpoint(run_dir, dist.device, dist)
     if resumed is not None:

@@ -26,8 +26,8 @@ from memstudy.atomic import atomic_path
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 NOTEBOOKS_DIR = PACKAGE_DIR / "notebooks"
-#: Each model's own module: the other model's jobs do not depend on it, although the shared training
-#: and sampling modules import both.
+#: Each model's own module: the other model's jobs do not depend on it. The shared training and
+#: sampling modules import it at run time, so the model steps' stamps add it by name.
 MODEL_MODULES = {"ddpm": "memstudy.models.ddpm", "stylegan": "memstudy.models.stylegan"}
 #: Where the stamp of a step's code starts: what the model steps run, beyond their notebook.
 MODEL_ENTRY_POINTS = ("memstudy.models.training", "memstudy.models.sampling")
@@ -216,12 +216,16 @@ def compute_stamps(models: Iterable[str]) -> dict[str, str]:
     stamps = {"data": json.dumps(data_versions(), sort_keys=True)}
     models = list(models)
     for model in models:
-        code = module_closure(MODEL_ENTRY_POINTS, exclude=[*other_models(model), *DATA_LOADERS])
+        # Training and sampling import the model's module at run time (models.training.model_module).
+        code = module_closure(
+            [*MODEL_ENTRY_POINTS, MODEL_MODULES[model]], exclude=[*other_models(model), *DATA_LOADERS]
+        )
         stamps[f"models-{model}"] = digest(code)
     for notebook in sorted(NOTEBOOKS_DIR.glob("*.ipynb")):
         per_model = notebook.stem.startswith(("02_", "03_"))
         for model in models if per_model else [None]:
-            files = module_closure(notebook_modules(notebook), exclude=other_models(model))
+            modules = notebook_modules(notebook) | ({MODEL_MODULES[model]} if model else set())
+            files = module_closure(modules, exclude=other_models(model))
             name = f"notebook-{notebook.stem}" + (f"-{model}" if model else "")
             stamps[name] = digest(files, extra=notebook.read_text())
     return stamps
