@@ -405,3 +405,46 @@ def test_sample_values_follow_the_table_rows(tmp_path):
     np.testing.assert_array_equal(loaded[1]["likely_copy"], [False, True])
     with pytest.raises(ValueError, match="no arrays for channel 't1'"):
         runfolder.load_sample_values(table.assign(channel="t1"))
+
+
+def test_study_timing_sums_the_executed_notebooks_and_spans_their_times(tmp_path):
+    def executed(path: Path, start: str, end: str, duration: float | None) -> None:
+        record = {"start_time": start, "end_time": end, "duration": duration}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"cells": [], "metadata": {"papermill": record}}))
+
+    executed(tmp_path / "d" / "01_data.ipynb", "2026-12-01T10:00:00+00:00", "2026-12-01T10:01:00+00:00", 60.0)
+    executed(
+        tmp_path / "d" / "m" / "r" / "02_train.ipynb",
+        "2026-12-01T10:00:30+00:00",
+        "2026-12-01T10:05:00+00:00",
+        270.0,
+    )
+    # Left out: a failed job's partial notebook, one being written, a replaced run, one still running.
+    executed(
+        tmp_path / "d" / "m" / "r" / "03_sample-1.failed.ipynb",
+        "2026-12-01T09:00:00+00:00",
+        "2026-12-01T12:00:00+00:00",
+        9.0,
+    )
+    executed(
+        tmp_path / "d" / "m" / "r" / ".03_sample-1.ipynb.x.tmp.ipynb",
+        "2026-12-01T09:00:00+00:00",
+        "2026-12-01T12:00:00+00:00",
+        9.0,
+    )
+    executed(
+        tmp_path / "d" / "m" / "q.replaced" / "02_train.ipynb",
+        "2026-11-30T09:00:00+00:00",
+        "2026-12-01T12:00:00+00:00",
+        9.0,
+    )
+    executed(tmp_path / "d" / "m" / "r" / "04_memorization-1.ipynb", "2026-12-01T10:06:00+00:00", "", None)
+    (tmp_path / "notes.ipynb").write_text("not json")
+    timing = runfolder.study_timing(tmp_path)
+    assert {k: timing[k] for k in ("n_notebooks", "notebook_seconds", "span_seconds")} == {
+        "n_notebooks": 2,
+        "notebook_seconds": 330.0,
+        "span_seconds": 300.0,
+    }
+    assert runfolder.study_timing(tmp_path / "d" / "none")["n_notebooks"] == 0

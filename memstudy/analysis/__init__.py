@@ -2,7 +2,7 @@
 
 ``datasets``: how alike a dataset's images are; ``memorization``: the calibrated memorization report;
 ``transforms``: mirrored and shifted matches; ``duplicates``: training near-duplicates and dedup;
-``comparison``: the cross-run ``comparison.csv`` table.
+``comparison``: the cross-run ``comparison.csv`` table; ``paper``: that table against the paper's findings.
 """
 
 from memstudy.analysis.comparison import COMPARISON_COLUMNS, comparison_table, save_comparison
@@ -22,6 +22,7 @@ from memstudy.analysis.memorization import (
     memorization_report,
     memorization_reports,
 )
+from memstudy.analysis.paper import paper_claims
 from memstudy.analysis.transforms import Transform, transform_list
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "near_duplicates",
     "nearest_other_subject",
     "neighbour_statistics",
+    "paper_claims",
     "save_comparison",
     "slice_positions",
     "standardized",

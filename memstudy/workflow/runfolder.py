@@ -562,12 +562,54 @@ def size_statements(table: pd.DataFrame) -> list[str]:
             continue
         small, large = sizes.iloc[0], sizes.iloc[-1]
         n_small, n_large = sizes.index[0][-1], sizes.index[-1][-1]
+        subjects = "subject" if n_small == 1 else "subjects"
         statements.append(
             f"{model} on {dataset} ({channel}): {100 * small.frac_likely_copies:.0f} % likely copies "
-            f"(median max r {small.median_max_r:.3f}) with {n_small} training subjects vs "
+            f"(median max r {small.median_max_r:.3f}) with {n_small} training {subjects} vs "
             f"{100 * large.frac_likely_copies:.0f} % ({large.median_max_r:.3f}) with {n_large}."
         )
     return statements
+
+
+def study_timing(plan_dir: str | os.PathLike) -> dict[str, Any]:
+    """How long the executed notebooks under ``plan_dir`` took, from their papermill metadata.
+
+    Returns
+    -------
+    dict
+        ``n_notebooks`` (those with a recorded duration; failed partial notebooks, hidden files and runs
+        moved aside are left out),
+        ``notebook_seconds`` (the sum of their durations: jobs that ran side by side count each),
+        ``span_seconds`` (from the earliest start to the latest end: the study's wall time when it ran
+        in one go, longer when it was run in pieces), ``cpu_cores`` (of the machine reading them).
+    """
+    from datetime import datetime
+
+    durations, starts, ends = [], [], []
+    for path in sorted(Path(plan_dir).rglob("*.ipynb")):
+        parts = path.relative_to(plan_dir).parts
+        # Partial notebooks of failed jobs, ones being written (hidden temporary files) and those of runs
+        # moved aside for another run key are not part of the study.
+        if path.name.endswith(".failed.ipynb") or any(
+            p.startswith(".") or p.endswith(".replaced") for p in parts
+        ):
+            continue
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))["metadata"]["papermill"]
+            duration = float(record["duration"])
+            start, end = (datetime.fromisoformat(record[key]) for key in ("start_time", "end_time"))
+        except (OSError, ValueError, KeyError, TypeError):  # not executed by papermill, or still running
+            continue
+        durations.append(duration)
+        starts.append(start)
+        ends.append(end)
+    span = (max(ends) - min(starts)).total_seconds() if durations else 0.0
+    return {
+        "n_notebooks": len(durations),
+        "notebook_seconds": float(sum(durations)),
+        "span_seconds": span,
+        "cpu_cores": os.cpu_count(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
