@@ -347,7 +347,10 @@ def explore_run(
         The explorer. ``controls`` (a dict: ``set``, ``source``, ``index``, ``index_text``,
         ``upload``, ``channel``, ``k``, ``mirror``, ``max_shift``), ``panel`` (the HTML of the
         panels) and ``message`` (what is wrong with an upload or a setting) are attributes of the
-        box, so a notebook or a test can drive it. Every change searches again.
+        box, so a notebook or a test can drive it. Every change searches again. In the page, the box
+        has the CSS class ``memstudy-explorer``, the panels ``memstudy-explorer-panel``, the message
+        ``memstudy-explorer-message``, the image slider ``memstudy-explorer-index`` and its number box
+        ``memstudy-explorer-index-text``.
     """
     training = run_training_set(run_dir, training)
     if holdout is not None and not isinstance(holdout, ImageSet):
@@ -504,5 +507,11 @@ def explore_run(
             panel,
         ]
     )
+    # Stable classes for readers of the page (the live browser test finds the explorer by them).
+    box.add_class("memstudy-explorer")
+    panel.add_class("memstudy-explorer-panel")
+    message.add_class("memstudy-explorer-message")
+    controls["index"].add_class("memstudy-explorer-index")
+    controls["index_text"].add_class("memstudy-explorer-index-text")
     box.controls, box.panel, box.message = controls, panel, message
     return box

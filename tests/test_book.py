@@ -280,6 +280,8 @@ def tiny_plan(tmp_path):
     runs, source = tmp_path / "runs", tmp_path / "source"
     source.mkdir()
     (source / "_config.yml").write_text("title: test\n")
+    (source / "book").mkdir()
+    shutil.copy(REPO / "book" / "discussion.md", source / "book")  # the plan's discussion starts from it
     jobs = load_plan(plan).jobs()
     for job in jobs:
         if job.notebook != NOT_RUN:
@@ -334,18 +336,28 @@ def test_toc_lists_the_executed_notebooks_in_plan_order_grouped_by_part(tiny_pla
                 ],
             },
             {"caption": "Comparison", "chapters": [{"file": f"{PAGES}/05_compare"}]},
-            {"caption": "Discussion", "chapters": [{"file": "book/discussion"}]},
+            # The comparison notebook is staged, so the discussion is the plan's (with the paper's findings).
+            {"caption": "Discussion", "chapters": [{"file": f"{PAGES}/discussion"}]},
             {
                 "caption": "Use it",
-                "chapters": [{"file": "book/rerun"}, {"file": "book/teaching"}, {"file": "book/references"}],
+                "chapters": [
+                    {"file": "book/rerun"},
+                    {"file": "book/teaching"},
+                    {"file": f"{PAGES}/explore"},  # the live explorer, after the exercises that use it
+                    {"file": "book/references"},
+                ],
             },
         ],
     }
     staged_files = {
-        p.relative_to(source).with_suffix("").as_posix() for p in (source / PAGES).rglob("*.ipynb")
+        p.relative_to(source).with_suffix("").as_posix()
+        for p in (source / PAGES).rglob("*")
+        if p.suffix in (".ipynb", ".md")
     }
     assert staged_files == {f for f in page_files(toc) if f.startswith(PAGES)}
     assert staged.missing == [FAILED, FAILED_IN_PLACE, NOT_RUN]
+    # No memorization notebook is staged, so no part has a results page.
+    assert not list((source / PAGES).rglob("results.md"))
 
 
 def test_missing_and_failed_notebooks_are_named_in_one_warning(tiny_plan, caplog):
@@ -441,3 +453,50 @@ def test_a_plan_that_has_not_run_is_a_clear_error(tiny_plan):
     with pytest.raises(FileNotFoundError, match=rf"--runs-dir {re.escape(str(tmp.parent))}` first"):
         stage_plan(plan, runs_dir=tmp.parent, source=source)
     assert not (source / PAGES).exists()
+
+
+GLUE_ROLE = re.compile(r"\{glue:text\}`([^`]+)::(\w[\w-]*):([^`]+)`")
+
+
+def test_results_pages_and_the_discussion_paste_from_staged_notebooks_only(tiny_plan):
+    plan, runs, source, jobs = tiny_plan
+    for name in (FAILED_IN_PLACE, NOT_RUN):  # now both memorization notebooks ran
+        nbformat.write(
+            executed_notebook(next(j for j in jobs if j.notebook == name).parameters), runs / "tiny" / name
+        )
+    staged = stage_plan(plan, runs_dir=runs, source=source)
+    toc = yaml.safe_load(staged.toc.read_text())
+    pages = source / PAGES
+    for job in (j for j in jobs if j.step == "memorization"):
+        results = pages / job.run.dataset / job.run.model / "results.md"
+        text = results.read_text()
+        roles = GLUE_ROLE.findall(text)
+        notebooks = {(results.parent / path).resolve() for path, _, _ in roles}
+        # One row per memorization notebook of the part, and the comparison notebook's statement.
+        assert notebooks == {(pages / job.notebook).resolve(), (pages / "05_compare.ipynb").resolve()}
+        assert all(path.is_file() for path in notebooks)
+        assert f"| {job.run.n_subjects} | {job.run.seed} | {job.checkpoint} |" in text
+        part = next(p for p in toc["parts"] if p["caption"].startswith(job.run.dataset))
+        assert part["chapters"][0] == {"file": f"{PAGES}/{job.run.dataset}/{job.run.model}/results"}
+    discussion = (pages / "discussion.md").read_text()
+    assert {path for path, _, _ in GLUE_ROLE.findall(discussion)} == {"05_compare.ipynb"}
+    assert "<!-- memstudy: against the paper -->" not in discussion
+    assert discussion.startswith((REPO / "book" / "discussion.md").read_text().split("<!--")[0])
+
+
+def test_without_a_staged_comparison_the_hand_written_discussion_is_listed(tiny_plan):
+    plan, runs, source, _ = tiny_plan
+    (runs / "tiny" / "05_compare.ipynb").unlink()
+    staged = stage_plan(plan, runs_dir=runs, source=source)
+    toc = yaml.safe_load(staged.toc.read_text())
+    assert {"caption": "Discussion", "chapters": [{"file": "book/discussion"}]} in toc["parts"]
+    assert not (source / PAGES / "discussion.md").exists()
+
+
+def test_a_discussion_without_its_marker_is_named(tiny_plan):
+    plan, runs, source, _ = tiny_plan
+    (source / "book" / "discussion.md").write_text("# Discussion\n\nNo marker.\n")
+    with pytest.raises(
+        ValueError, match=r"discussion\.md: expected the line '<!-- memstudy: against the paper -->'"
+    ):
+        stage_plan(plan, runs_dir=runs, source=source)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import html
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
+import numpy as np
+import pandas as pd
 import pytest
 from conftest import CHROMIUM_FLAGS, chromium_or_skip
 from PIL import Image
@@ -183,3 +186,106 @@ def test_every_page_loads_from_localhost_alone_without_errors(smoke_book, served
             shots / (page_path.relative_to(smoke_book).as_posix().replace("/", "__") + ".png")
         ) as shot:
             assert shot.format == "PNG" and shot.width >= 1280 and shot.height >= 900
+
+
+def page_text(path: Path) -> str:
+    """A built page's visible text, tags removed and whitespace collapsed."""
+    body = re.sub(r"<(script|style)\b.*?</\1>", " ", path.read_text(encoding="utf-8"), flags=re.S)
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", body)).split())
+
+
+@pytest.mark.slow
+def test_results_pages_paste_every_run_s_numbers(smoke_book, smoke_study):
+    plan_dir, pages = smoke_study["plan_dir"], smoke_book / "book" / "notebooks" / "smoke"
+    plan = load_plan(PLAN)
+    for dataset in plan.datasets:
+        for model in plan.models:
+            text = page_text(pages / dataset / model / "results.html")
+            for job in (j for j in plan.jobs() if j.step == "memorization" and j.run.dataset == dataset):
+                if job.run.model != model:
+                    continue
+                [report] = json.loads(
+                    (plan_dir / job.run.folder / "reports" / f"{job.checkpoint}.json").read_text()
+                )
+                # The row as the page must show it: subjects, seed, step, samples, median best r, ...
+                row = (
+                    f"{job.run.n_subjects} {job.run.seed} {job.checkpoint} {report['n_samples']} "
+                    f"{report['median_max_r']:.3f} {report['holdout_median_max_r']:.3f} "
+                    f"{report['frac_above_holdout_p99']:.0%} {report['frac_likely_copies']:.0%}"
+                )
+                assert row in text, (dataset, model, job.checkpoint, row)
+            table = pd.read_csv(plan_dir / "comparison.csv")
+            sizes = sorted(
+                table[(table["dataset"] == dataset) & (table["model"] == model)]["n_train_subjects"].unique()
+            )
+            assert f"with {sizes[0]} training subject" in text and "By training-set size" in text
+
+
+@pytest.mark.slow
+def test_the_discussion_states_the_build_s_verdict_on_each_of_the_paper_s_findings(smoke_book, smoke_study):
+    from memstudy.analysis import paper_claims
+
+    text = page_text(smoke_book / "book" / "notebooks" / "smoke" / "discussion.html")
+    claims = paper_claims(pd.read_csv(smoke_study["plan_dir"] / "comparison.csv"))
+    for what, finding in (
+        ("DDPM against StyleGAN2 on the same training set", "models"),
+        ("smaller against larger training sets", "sizes"),
+        ("slices of volumes against independent images", "volumes"),
+    ):
+        assert f"{what}: {claims.loc[finding, 'verdict']} ({claims.loc[finding, 'measured']})." in text
+    assert "Limits of the measurement" in text  # the hand-written chapter around it
+
+
+@pytest.mark.slow
+def test_nearest_match_slider_and_next_change_the_shown_image_and_r(smoke_book, served, smoke_study):
+    base, _ = served
+    chromium = chromium_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    job = next(j for j in load_plan(PLAN).jobs() if j.step == "memorization")
+    best = np.load(smoke_study["plan_dir"] / job.run.folder / "matches" / f"{job.checkpoint}.npz")[
+        "all/values"
+    ][:, 0]
+    url = base + "book/notebooks/smoke/" + job.notebook.replace(".ipynb", ".html")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=OFFLINE_FLAGS)
+        page = browser.new_page()
+        page.goto(url, wait_until="load", timeout=PAGE_TIMEOUT_MS)
+        root = page.locator(".msb").first
+
+        def shown() -> tuple[str, str, str]:
+            image = root.locator(".msb-syn-img")
+            return (
+                image.get_attribute("data-index"),
+                image.get_attribute("src"),
+                root.locator(".msb-r").inner_text(),
+            )
+
+        seen = [shown()]
+        root.locator(".msb-slider").focus()
+        page.keyboard.press("ArrowRight")  # the range input moves one image and fires its input event
+        seen.append(shown())
+        root.locator(".msb-next").click()
+        seen.append(shown())
+        browser.close()
+    indices = [int(index) for index, _, _ in seen]
+    assert len(set(indices)) == 3 and len({src for _, src, _ in seen}) == 3
+    for index, _, r in seen:  # each shown max r is the run's exact best r of that sample
+        assert r.startswith(f"max r = {best[int(index)]:.4f}"), (index, r)
+
+
+@pytest.mark.slow
+def test_the_live_explorer_page_shows_its_static_fallback(smoke_book, served):
+    base, _ = served
+    chromium = chromium_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=OFFLINE_FLAGS)
+        page = browser.new_page()
+        page.goto(base + "book/notebooks/smoke/explore.html", wait_until="load", timeout=PAGE_TIMEOUT_MS)
+        fallback = page.locator(".memstudy-static-fallback")
+        assert fallback.count() == 1 and fallback.is_visible()
+        text = fallback.inner_text()
+        browser.close()
+    assert "make lab" in text and "kernel" in text
