@@ -130,6 +130,13 @@ def test_a_failing_run_leaves_the_others_complete_and_names_its_partial_notebook
     failure = "failed: cxr-phantom/stylegan/n100000-s0/02_train.ipynb: ValueError: n_subjects=100000"
     assert failure in result.stdout
     assert str(partial) in result.stdout
+    # Each job's stderr is kept where `memstudy study` looks for it (the Snakefile's log: entries).
+    from memstudy.workflow.execute import log_path
+
+    assert (
+        "n_subjects=100000"
+        in log_path(plan_dir, "cxr-phantom/stylegan/n100000-s0/02_train.ipynb").read_text()
+    )
     assert (plan_dir / "cxr-phantom/stylegan/n6-s0/summary.json").is_file()
     assert "not run (an input failed or is missing): " in result.stdout
     assert not (plan_dir / "comparison.csv").exists()

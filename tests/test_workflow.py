@@ -291,3 +291,73 @@ def test_the_paper_plan_resolves_every_job_through_the_slurm_profile(tmp_path):
         **expected,
         "summary": n_runs,
     }
+
+
+def test_the_summary_tells_each_jobs_outcome_and_where_a_failure_is_described(tmp_path):
+    import os
+    import time
+
+    from memstudy.workflow.command import outcomes, summary_lines
+
+    jobs = load_plan(ROOT / "plans" / "smoke.yaml").jobs()[:4]
+    since = time.time() - 5
+    done, old, partial_job = (tmp_path / job.notebook for job in jobs[:3])
+    for path in (done, old):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        nbformat.write(nbformat.v4.new_notebook(), path)
+    os.utime(old, (since - 60, since - 60))  # written by an earlier call
+    failed = execute.failed_path(partial_job)
+    failed.parent.mkdir(parents=True, exist_ok=True)
+    notebook = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("x")
+    cell.outputs = [nbformat.v4.new_output("error", ename="ValueError", evalue="bad size", traceback=[])]
+    notebook.cells = [cell]
+    nbformat.write(notebook, failed)
+    # A job that stopped before its notebook ran (its kernel died): only its log tells why.
+    log = execute.log_path(tmp_path, jobs[3].notebook)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("Traceback (most recent call last):\n  ...\nRuntimeError: Kernel died before replying\n")
+    results = outcomes([*jobs, *load_plan(ROOT / "plans" / "smoke.yaml").jobs()[4:5]], tmp_path, since)
+    assert [r.state for r in results] == ["done", "up to date", "failed", "failed", "not run"]
+    assert (results[2].error, results[2].partial) == ("ValueError: bad size", failed)
+    assert (results[3].error, results[3].log) == ("RuntimeError: Kernel died before replying", log)
+    lines = "\n".join(summary_lines(results))
+    assert lines.startswith("1 done, 1 up to date, 2 failed, 1 not run")
+    assert f"partial notebook: {failed}" in lines and f"log: {log}" in lines
+
+
+@pytest.mark.parametrize(
+    ("failures", "executed_before_dying", "expected_calls", "raises"),
+    [
+        (1, False, 2, False),  # a kernel that died at start: one more try, which succeeds
+        (2, False, 2, True),  # twice: the error propagates
+        (1, True, 1, True),  # died after running a cell: no retry (the notebook's own doing)
+    ],
+)
+def test_a_kernel_that_dies_before_any_cell_is_started_once_more(
+    tmp_path, monkeypatch, failures, executed_before_dying, expected_calls, raises
+):
+    import papermill
+
+    calls = []
+
+    def fake_execute(template, output, **kwargs):
+        calls.append(output)
+        notebook = nbformat.v4.new_notebook()
+        notebook.cells = [nbformat.v4.new_code_cell("x = 1")]
+        if len(calls) <= failures:
+            notebook.cells[0].execution_count = 1 if executed_before_dying else None
+            nbformat.write(notebook, output)
+            raise RuntimeError("Kernel died before replying to kernel_info")
+        nbformat.write(notebook, output)
+
+    monkeypatch.setattr(papermill, "execute_notebook", fake_execute)
+    monkeypatch.setattr(execute, "kernel_name", lambda: "python3")
+    target = tmp_path / "out.ipynb"
+    if raises:
+        with pytest.raises(RuntimeError, match="Kernel died"):
+            execute.run_notebook("05_compare", target, {})
+        assert not target.exists() and not execute.failed_path(target).exists()
+    else:
+        assert execute.run_notebook("05_compare", target, {}) == target and target.is_file()
+    assert len(calls) == expected_calls

@@ -15,7 +15,15 @@ from pathlib import Path
 
 import yaml
 
-from memstudy.workflow.execute import NotebookFailed, failed_path, last_error, run_notebook, template_path
+from memstudy.workflow.execute import (
+    NotebookFailed,
+    failed_path,
+    last_error,
+    last_log_error,
+    log_path,
+    run_notebook,
+    template_path,
+)
 from memstudy.workflow.plan import Job, load_plan, parse_only
 
 WORKFLOW_DIR = Path(__file__).resolve().parent
@@ -33,6 +41,7 @@ class Outcome:
     state: str  # "done", "up to date", "failed", "not run"
     error: str | None = None
     partial: Path | None = None
+    log: Path | None = None
 
 
 def snakemake_command(
@@ -65,10 +74,13 @@ def outcomes(jobs: list[Job], plan_dir: Path, since: float) -> list[Outcome]:
     result = []
     for job in jobs:
         output, partial = plan_dir / job.notebook, failed_path(plan_dir / job.notebook)
+        log = log_path(plan_dir, job.notebook)
         if partial.is_file() and partial.stat().st_mtime >= since:
             result.append(Outcome(job, "failed", last_error(partial) or "see the partial notebook", partial))
         elif output.is_file():
             result.append(Outcome(job, "done" if output.stat().st_mtime >= since else "up to date"))
+        elif log.is_file() and log.stat().st_mtime >= since:  # it ran, but stopped before its notebook did
+            result.append(Outcome(job, "failed", last_log_error(log) or "see its log", log=log))
         else:
             result.append(Outcome(job, "not run"))
     return result
@@ -81,7 +93,8 @@ def summary_lines(results: list[Outcome]) -> list[str]:
     lines = [", ".join(f"{n} {state}" for state, n in counts.items())]
     for r in results:
         if r.state == "failed":
-            lines.append(f"  failed: {r.job.notebook}: {r.error}\n          partial notebook: {r.partial}")
+            where = f"partial notebook: {r.partial}" if r.partial else f"log: {r.log}"
+            lines.append(f"  failed: {r.job.notebook}: {r.error}\n          {where}")
     not_run = [r.job.notebook for r in results if r.state == "not run"]
     if not_run:
         lines.append(f"  not run (an input failed or is missing): {', '.join(not_run)}")

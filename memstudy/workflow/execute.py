@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -82,6 +83,22 @@ def kernel_name() -> str:
     return name
 
 
+def log_path(plan_dir: str | os.PathLike, notebook: str | os.PathLike) -> Path:
+    """Where the workflow writes the stderr of the job executing ``notebook`` (relative to the plan's
+    folder ``plan_dir``): ``logs/<notebook>.log`` there, as the Snakefile's ``log:`` entries say."""
+    return Path(plan_dir) / "logs" / Path(notebook).with_suffix(".log")
+
+
+def last_log_error(log: str | os.PathLike) -> str | None:
+    """The last line of a job's log that names an error (``Name: message``, as a traceback ends), if any."""
+    try:
+        lines = Path(log).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    errors = [line.strip() for line in lines if re.match(r"^[\w.]*(Error|Exception|Exit)\b.*:", line.strip())]
+    return errors[-1] if errors else None
+
+
 def last_error(notebook: str | os.PathLike) -> str | None:
     """``"Name: message"`` of the first error output in an executed notebook, if any."""
     import nbformat
@@ -134,24 +151,45 @@ def run_notebook(
         os.environ.update({variable: str(threads) for variable in THREAD_VARIABLES})
     failed = failed_path(output)
     with atomic_path(output) as partial:
-        try:
-            papermill.execute_notebook(
-                str(template),
-                str(partial),
-                parameters=parameters,
-                kernel_name=kernel_name(),
-                language="python",
-                cwd=str(cwd),
-                progress_bar=False,
-                request_save_on_cell_execute=False,
-            )
-        except papermill.PapermillExecutionError as error:
-            os.replace(partial, failed)
-            raise NotebookFailed(
-                f"{output}: {error.ename}: {error.evalue} (partial notebook: {failed})"
-            ) from None
+        for attempt in (1, 2):
+            try:
+                papermill.execute_notebook(
+                    str(template),
+                    str(partial),
+                    parameters=parameters,
+                    kernel_name=kernel_name(),
+                    language="python",
+                    cwd=str(cwd),
+                    progress_bar=False,
+                    request_save_on_cell_execute=False,
+                )
+                break
+            except papermill.PapermillExecutionError as error:
+                os.replace(partial, failed)
+                raise NotebookFailed(
+                    f"{output}: {error.ename}: {error.evalue} (partial notebook: {failed})"
+                ) from None
+            except Exception as error:
+                # A kernel that dies before running any cell (two kernels starting at once can draw
+                # the same free port) is retried once; anything else, or a second failure, propagates.
+                if attempt == 2 or _ran_a_cell(partial):
+                    raise
+                log.warning(
+                    "%s: the kernel failed before running a cell (%r); starting another", output, error
+                )
     failed.unlink(missing_ok=True)
     return output
+
+
+def _ran_a_cell(notebook: Path) -> bool:
+    """Whether a partial notebook papermill left has any executed cell (absent or unreadable: no)."""
+    import nbformat
+
+    try:
+        cells = nbformat.read(notebook, as_version=4).cells
+    except (OSError, ValueError):
+        return False
+    return any(cell.get("execution_count") for cell in cells if cell.cell_type == "code")
 
 
 def command_line(
