@@ -98,7 +98,8 @@ def one_model_plan(folder: Path, name: str, train_subjects: list[int], steps: in
         "name": name,
         "datasets": {
             "cxr-phantom": {
-                "options": {"size": 32},
+                # The smoke plan's small phantom, already in the shared cache.
+                "options": load_plan(ROOT / "plans" / "smoke.yaml").datasets["cxr-phantom"]["options"],
                 "holdout_split": "test",
                 "train_subjects": train_subjects,
             }
@@ -174,13 +175,16 @@ def test_an_interrupted_training_resumes_from_its_last_checkpoint(smoke_study, t
 def test_memstudy_run_executes_one_notebook_with_new_parameters_into_its_own_folder(smoke_study, tmp_path):
     env = smoke_study["env"]
     command = [sys.executable, "-m", "memstudy.cli", "run", "01_data", "-p", "dataset", "cxr-phantom"]
-    command += ["-p", "data_options", "{size: 32}", "-p", "n_subjects", "6"]
+    options = load_plan(ROOT / "plans" / "smoke.yaml").datasets["cxr-phantom"][
+        "options"
+    ]  # its cached phantom
+    command += ["-p", "data_options", json.dumps(options), "-p", "n_subjects", "6"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (executed,) = (tmp_path / "runs" / "adhoc").glob("01_data-*/01_data.ipynb")
     notebook = nbformat.read(executed, as_version=4)
     injected = next(c for c in notebook.cells if "injected-parameters" in c.metadata.get("tags", []))
-    assert "n_subjects = 6" in injected.source and 'data_options = {"size": 32}' in injected.source
+    assert "n_subjects = 6" in injected.source and f"data_options = {json.dumps(options)}" in injected.source
     bad = subprocess.run(
         [*command[:5], "-p", "sise", "32"], capture_output=True, text=True, env=env, cwd=tmp_path
     )
