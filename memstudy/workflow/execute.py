@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from memstudy.atomic import atomic_path, write_json
+from memstudy.workflow.kernel import skip_uri_grammar
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ def template_path(name: str | os.PathLike) -> Path:
 def kernel_name() -> str:
     """Register (once) a Jupyter kernel that runs ``sys.executable``, and return its name.
 
+    The kernel is ipykernel started through :mod:`memstudy.workflow.kernel`.
+
     The kernelspec lives in a private folder put first on ``JUPYTER_PATH`` for this process and its
     children; nothing is installed into the user's or the environment's Jupyter folders.
     """
@@ -66,7 +69,7 @@ def kernel_name() -> str:
         "argv": [
             sys.executable,
             "-m",
-            "ipykernel_launcher",
+            "memstudy.workflow.kernel",
             "-f",
             "{connection_file}",
             "--IPKernelApp.log_level=ERROR",
@@ -212,11 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cwd", default=".")
     parser.add_argument("--threads", type=int)
     args = parser.parse_args(argv)
-    # Every notebook job starts a process like this one. papermill imports nbformat, which imports
-    # jsonschema, which imports rfc3987_syntax when it is installed (JupyterLab's jupyter-events brings
-    # it) and that compiles a grammar at import: 0.8 s per job, for URI format checks that nbformat
-    # never runs. Marking it absent makes jsonschema skip it.
-    sys.modules.setdefault("rfc3987_syntax", None)
+    skip_uri_grammar()  # a second of start-up per job (memstudy.workflow.kernel says why)
     logging.basicConfig(level=logging.WARNING)
     parameters = json.loads(args.parameters)
     try:
