@@ -131,9 +131,11 @@ def stage_plan(
     rewritten only when its notebook, its title or this module changed (a digest of each is kept in
     ``.staged.json`` there); staged notebooks the plan no longer has, or whose notebook disappeared,
     are removed. The table of contents, ``book/notebooks/<plan name>/_toc.yml``, is: the introduction;
-    *The study* (methods); *Data*, one page per dataset; one part per dataset × model, with a chapter per
-    run (its training page, with the sampling and memorization pages of each checkpoint as sections);
-    *Comparison*; *Use it* (re-running, teaching, the live explorer, references). The live explorer's
+    *The study* (methods); *Data*, one page per dataset; one part per dataset × model, opening with its
+    results page (:func:`memstudy.bookpages.write_results_pages`), then a chapter per run (its training
+    page, with the sampling and memorization pages of each checkpoint as sections); *Comparison*;
+    *Discussion* (the plan's, with the paper's findings: :func:`memstudy.bookpages.write_discussion`);
+    *Use it* (re-running, teaching, the live explorer, references). The live explorer's
     notebook (:data:`EXPLORER_NOTEBOOK`) is copied there as committed, un-executed. Only staged
     notebooks are listed; the missing ones are named in one warning.
 

@@ -77,7 +77,7 @@ def results_page(dataset: str, model: str, jobs: list[Job], staged: set[str], co
         f"{model_name(model)} trained on {dataset} with "
         + " and ".join(str(n) for n in sizes)
         + f" training subject{'s' * (sizes != [1])}, measured at step{'s' * (len(steps) > 1)} "
-        + ", ".join(str(s) for s in steps)
+        + " and ".join(str(s) for s in steps)
         + ". Every number below is pasted from the run's memorization notebook, for its first reported "
         "channel; the run's own pages follow, with the nearest-match browser of every checkpoint.",
         "",

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -216,6 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int)
     args = parser.parse_args(argv)
     skip_uri_grammar()  # a second of start-up per job (memstudy.workflow.kernel says why)
+    # Ctrl-C or Snakemake's termination ends the job at once. The kernel runs in a session of its own,
+    # out of reach of both signals, and exits within a second of this process (ipykernel polls its
+    # parent). Left to KeyboardInterrupt, papermill could keep waiting while the kernel went on and
+    # wrote its results after the workflow had given the job up.
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, lambda signum, frame: os._exit(128 + signum))
     logging.basicConfig(level=logging.WARNING)
     parameters = json.loads(args.parameters)
     try:
