@@ -50,6 +50,11 @@ def _write_if_changed(path: Path, text: str) -> None:
         handle.write(text)
 
 
+def staged_compare(jobs: list[Job], staged: set[str]) -> str | None:
+    """The plan's comparison notebook, when it is staged (relative to the plan's staged folder)."""
+    return next((job.notebook for job in jobs if job.step == "compare" and job.notebook in staged), None)
+
+
 def results_page(dataset: str, model: str, jobs: list[Job], staged: set[str], compare: str | None) -> str:
     """The results page of one dataset × model, as MyST markdown.
 
@@ -104,7 +109,7 @@ def write_results_pages(staged_dir: Path, jobs: list[Job], staged: set[str]) -> 
     """Write ``<dataset>/<model>/results.md`` under ``staged_dir`` for every dataset × model with a staged
     memorization notebook; return their paths relative to ``staged_dir``, without suffix, by
     ``(dataset, model)``."""
-    compare = next((job.notebook for job in jobs if job.step == "compare" and job.notebook in staged), None)
+    compare = staged_compare(jobs, staged)
     parts: dict[tuple[str, str], list[Job]] = {}
     for job in jobs:
         if job.step == "memorization" and job.run is not None:
@@ -159,7 +164,7 @@ def write_discussion(source: Path, staged_dir: Path, jobs: list[Job], staged: se
     ValueError
         When the hand-written discussion lacks :data:`PAPER_MARKER`.
     """
-    compare = next((job.notebook for job in jobs if job.step == "compare" and job.notebook in staged), None)
+    compare = staged_compare(jobs, staged)
     if compare is None:
         return None
     path = source / DISCUSSION_SOURCE

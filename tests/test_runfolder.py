@@ -421,24 +421,14 @@ def test_study_timing_sums_the_executed_notebooks_and_spans_their_times(tmp_path
         270.0,
     )
     # Left out: a failed job's partial notebook, one being written, a replaced run, one still running.
-    executed(
-        tmp_path / "d" / "m" / "r" / "03_sample-1.failed.ipynb",
-        "2026-12-01T09:00:00+00:00",
-        "2026-12-01T12:00:00+00:00",
-        9.0,
-    )
-    executed(
-        tmp_path / "d" / "m" / "r" / ".03_sample-1.ipynb.x.tmp.ipynb",
-        "2026-12-01T09:00:00+00:00",
-        "2026-12-01T12:00:00+00:00",
-        9.0,
-    )
-    executed(
-        tmp_path / "d" / "m" / "q.replaced" / "02_train.ipynb",
-        "2026-11-30T09:00:00+00:00",
-        "2026-12-01T12:00:00+00:00",
-        9.0,
-    )
+    for left_out in (
+        "r/03_sample-1.failed.ipynb",
+        "r/.03_sample-1.ipynb.x.tmp.ipynb",
+        "q.replaced/02_train.ipynb",
+    ):
+        executed(
+            tmp_path / "d" / "m" / left_out, "2026-11-30T09:00:00+00:00", "2026-12-01T12:00:00+00:00", 9.0
+        )
     executed(tmp_path / "d" / "m" / "r" / "04_memorization-1.ipynb", "2026-12-01T10:06:00+00:00", "", None)
     (tmp_path / "notes.ipynb").write_text("not json")
     timing = runfolder.study_timing(tmp_path)
