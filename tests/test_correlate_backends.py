@@ -459,6 +459,69 @@ def test_sum_of_squares_stays_within_the_norm_error_the_score_bound_allows():
         assert np.all(np.abs(_sum_of_squares(rows) - exact) <= gamma(s, U32) * exact)
 
 
+def _integer_reference(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """r of row pairs from int64 sums (exact while D·Σxy < 2⁶³), then as rescore's docstring says."""
+    x, y = x.astype(np.int64), y.astype(np.int64)
+    d = x.shape[1]
+    num = d * (x * y).sum(axis=1) - x.sum(axis=1) * y.sum(axis=1)
+    sx = d * (x * x).sum(axis=1) - x.sum(axis=1) ** 2
+    sy = d * (y * y).sum(axis=1) - y.sum(axis=1) ** 2
+    return num.astype(np.float64) / np.sqrt(sx.astype(np.float64) * sy.astype(np.float64))
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int8", "bool"])
+def test_standardization_keeps_exact_integer_statistics_of_8_bit_rows(dtype):
+    from memstudy.correlate.backend_numpy import NumpyBackend
+
+    # Extremes everywhere (every piece sum at its largest), a constant row, and a length that is not
+    # a whole number of pieces; rows split over threads.
+    rng = np.random.default_rng(11)
+    d = 4 * 256 + 37
+    info = np.iinfo(dtype) if dtype != "bool" else None
+    low, high = (0, 1) if info is None else (info.min, info.max)
+    rows = rng.integers(low, high + 1, (40, d)).astype(dtype)
+    rows[0], rows[1] = high, low
+    rows[1, 5] = high
+    backend = NumpyBackend()
+    try:
+        prepared = backend.prepare_training(rows)
+    finally:
+        backend.close()
+    v = rows.astype(np.int64)
+    shift = 128 if dtype == "uint8" else 0
+    want_sums = (v - shift).sum(axis=1)
+    want_spread = d * (v * v).sum(axis=1) - v.sum(axis=1) ** 2
+    np.testing.assert_array_equal(prepared.exact_stats, np.stack([want_sums, want_spread]))
+    assert prepared.constant.tolist() == [True] + [False] * 39
+
+
+@pytest.mark.parametrize(("synthetic_dtype", "training_dtype"), [("uint8", "int8"), ("int8", "uint8")])
+def test_exact_rescore_with_known_statistics_and_mixed_8_bit_dtypes(synthetic_dtype, training_dtype):
+    from memstudy.correlate import rescore
+    from memstudy.correlate.sources import open_pair
+
+    rng = np.random.default_rng(12)
+    d = 2 * 512 + 9
+    synthetic = rng.integers(-128, 128, (6, d)).astype(np.int16)
+    training = rng.integers(-128, 128, (30, d)).astype(np.int16)
+    synthetic[0] = 127  # the largest |x'·y| in every piece
+    synthetic[0, 0] = -128
+    training[0] = -128
+    training[0, 0] = 127
+    synthetic = (synthetic + (128 if synthetic_dtype == "uint8" else 0)).astype(synthetic_dtype)
+    training = (training + (128 if training_dtype == "uint8" else 0)).astype(training_dtype)
+    rows = np.repeat(np.arange(6), 10)
+    cols = rng.integers(0, 30, rows.size)
+    cols[:10] = 0
+    _, train = open_pair(synthetic, training, None)
+    y = training.astype(np.int64)
+    shift = 128 if training_dtype == "uint8" else 0
+    stats = np.stack([(y - shift).sum(axis=1), d * (y * y).sum(axis=1) - y.sum(axis=1) ** 2])
+    want = _integer_reference(synthetic[rows], training[cols])
+    np.testing.assert_array_equal(rescore.exact_pairs(synthetic, rows, train, cols, 64, stats), want)
+    np.testing.assert_array_equal(rescore.exact_pairs(synthetic, rows, train, cols, 64), want)
+
+
 def test_threaded_exact_rescore_equals_integer_sums_computed_here(monkeypatch):
     from memstudy.correlate import rescore
     from memstudy.correlate.sources import open_pair
@@ -476,11 +539,5 @@ def test_threaded_exact_rescore_equals_integer_sums_computed_here(monkeypatch):
     monkeypatch.setattr(rescore, "_threads", lambda: 2)
     _, train = open_pair(synthetic, training, None)
     got = rescore.exact_pairs(synthetic, rows, train, cols, 64)
-    # int64 sums are exact here (D·Σxy < 2⁴⁰); then r as the module docstring says.
-    x = synthetic.astype(np.int64)[rows]
-    y = training.astype(np.int64)[cols]
-    num = d * (x * y).sum(axis=1) - x.sum(axis=1) * y.sum(axis=1)
-    sx = d * (x * x).sum(axis=1) - x.sum(axis=1) ** 2
-    sy = d * (y * y).sum(axis=1) - y.sum(axis=1) ** 2
-    want = num.astype(np.float64) / np.sqrt(sx.astype(np.float64) * sy.astype(np.float64))
-    np.testing.assert_array_equal(got, want)
+    # int64 sums are exact here (D·Σxy < 2⁴⁰).
+    np.testing.assert_array_equal(got, _integer_reference(synthetic[rows], training[cols]))

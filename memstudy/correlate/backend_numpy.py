@@ -9,13 +9,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from memstudy.correlate.core import DEFAULT_CPU_CHUNK_MB, K_PIECE, POOL, U64, Prepared, float32_score_bound
+from memstudy.correlate.core import (
+    DEFAULT_CPU_CHUNK_MB,
+    K_PIECE,
+    POOL,
+    U64,
+    Prepared,
+    exact_shift,
+    float32_score_bound,
+    is_exact,
+    shifted_stats,
+)
 
 #: Rows centred and squared at a time while preparing a training chunk: a few rows of 256×256
 #: float32 stay in the L2 cache between the passes.
 _ROWS_IN_CACHE = 8
 #: Pixels per float32 dot product in a row's sum of squares (see :func:`_sum_of_squares`).
 _SQUARES_PIECE = 128
+#: Pixels per float32 dot product in the exact Σv² of 8-bit rows: 256 · 255² < 2²⁴.
+_EXACT_SQUARES_PIECE = 256
 #: Up to this many pixels, constant integer images are recognised from their sum of squares.
 _EXACT_CONSTANT_TEST_PIXELS = 2**20
 
@@ -57,7 +69,20 @@ def _sum_of_squares(rows: np.ndarray) -> np.ndarray:
     return total
 
 
-def _centre_block(raw: np.ndarray, out: np.ndarray, stats: np.ndarray, unit: bool) -> None:
+def _exact_squares(rows: np.ndarray) -> np.ndarray:
+    """Σv² (float64, exact) of rows holding 8-bit integers: every piece sum is an integer < 2²⁴."""
+    n, d = rows.shape
+    whole = d - d % _EXACT_SQUARES_PIECE
+    pieces = rows[:, :whole].reshape(n, -1, _EXACT_SQUARES_PIECE)
+    total = np.einsum("nqp,nqp->nq", pieces, pieces).sum(axis=1, dtype=np.float64)
+    if whole < d:
+        total += np.einsum("nd,nd->n", rows[:, whole:], rows[:, whole:])
+    return total
+
+
+def _centre_block(
+    raw: np.ndarray, out: np.ndarray, stats: np.ndarray, exact: np.ndarray | None, unit: bool
+) -> None:
     """Centre ``raw`` rows into ``out``; write per-row statistics into ``stats``.
 
     ``stats`` columns: sum, centred sum of squares, constancy, and a bound on the error of the
@@ -67,9 +92,11 @@ def _centre_block(raw: np.ndarray, out: np.ndarray, stats: np.ndarray, unit: boo
     Sums are exact for integer pixels (float32 where every partial sum stays ≤ 2²⁴, else int64) and
     accumulated in float64 otherwise, so the mean is off by its rounding to float32 only. Sums of
     squares: float32 dot products of 128 pixels added in float64 (:func:`_sum_of_squares`, relative
-    error ~1e-7); one float32 dot product of a whole row would lose ~1e-4. Inputs that float32
-    cannot hold exactly (float64, int32...) are centred in float64 before the cast, so a large
-    offset does not eat the contrast.
+    error ~1e-7); one float32 dot product of a whole row would lose ~1e-4. For 8-bit rows (given
+    ``exact``, shape (2, n)) Σv² is exact instead, taken before centring, and ``exact`` receives
+    their exact shifted sums and spreads (:func:`~memstudy.correlate.core.shifted_stats`); the
+    centred sum of squares is then spread / D. Inputs that float32 cannot hold exactly (float64,
+    int32...) are centred in float64 before the cast, so a large offset does not eat the contrast.
     """
     d = raw.shape[1]
     integer = raw.dtype.kind in "biu"
@@ -93,6 +120,8 @@ def _centre_block(raw: np.ndarray, out: np.ndarray, stats: np.ndarray, unit: boo
                     block[:, 0] = np.add.reduce(rows, axis=1)
                 elif not integer:
                     block[:, 0] = np.add.reduce(rows, axis=1, dtype=np.float64)
+                if exact is not None:
+                    squares = _exact_squares(rows)
                 mean = (block[:, 0] / d).astype(np.float32)
                 np.subtract(rows, mean[:, None], out=rows)
                 block[:, 3] = np.abs(mean - block[:, 0] / d) * (1 + U64) + U64 * np.abs(mean)
@@ -102,7 +131,12 @@ def _centre_block(raw: np.ndarray, out: np.ndarray, stats: np.ndarray, unit: boo
                 extremes = source.min(axis=1), source.max(axis=1)
                 absmax = np.maximum(np.abs(extremes[0]), np.abs(extremes[1]))
                 block[:, 3] += d * U64 * absmax.astype(np.float64)
-            block[:, 1] = _sum_of_squares(rows)
+            if exact is not None:
+                part = exact[:, i : i + _ROWS_IN_CACHE]
+                part[:] = shifted_stats(block[:, 0], squares, d, exact_shift(source.dtype))
+                block[:, 1] = part[1] / d
+            else:
+                block[:, 1] = _sum_of_squares(rows)
             if source.dtype.kind == "f" or d > _EXACT_CONSTANT_TEST_PIXELS:
                 low, high = extremes if extremes is not None else (source.min(axis=1), source.max(axis=1))
                 block[:, 2] = low == high
@@ -201,17 +235,23 @@ class NumpyBackend:
         n, d = raw.shape
         out = self._buffers.get(name, (n, d))
         stats = np.empty((n, 4), dtype=np.float64)
+        exact = np.empty((2, n), dtype=np.int64) if is_exact(raw.dtype, d) else None
         parts = min(self._threads, -(-n // _ROWS_IN_CACHE))
         bounds = np.linspace(0, n, parts + 1).astype(int) // _ROWS_IN_CACHE * _ROWS_IN_CACHE
         bounds[-1] = n
-        jobs = [(raw[a:b], out[a:b], stats[a:b], unit) for a, b in itertools.pairwise(bounds)]
+        jobs = [
+            (raw[a:b], out[a:b], stats[a:b], None if exact is None else exact[:, a:b], unit)
+            for a, b in itertools.pairwise(bounds)
+        ]
         if parts == 1:
             _centre_block(*jobs[0])
         else:
             with ThreadPoolExecutor(parts) as pool:
                 list(pool.map(lambda job: _centre_block(*job), jobs))
         inv_norm, constant, nonfinite, offset2 = _flags(stats, d, raw.dtype.kind == "f")
-        return Prepared(out, None if unit else inv_norm, constant, nonfinite, offset2=offset2)
+        return Prepared(
+            out, None if unit else inv_norm, constant, nonfinite, offset2=offset2, exact_stats=exact
+        )
 
     def prepare_synthetic(self, raw: np.ndarray) -> Prepared:
         return self._centre(raw, "synthetic", unit=True)

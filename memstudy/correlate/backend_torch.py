@@ -59,7 +59,14 @@ class TorchBackend:
         torch = self._torch
         data = torch.from_numpy(block.data).to(self.device)
         inv_norm = None if block.inv_norm is None else torch.from_numpy(block.inv_norm).to(self.device)
-        return Prepared(data, inv_norm, block.constant, block.nonfinite, offset2=block.offset2)
+        return Prepared(
+            data,
+            inv_norm,
+            block.constant,
+            block.nonfinite,
+            offset2=block.offset2,
+            exact_stats=block.exact_stats,
+        )
 
     def prepare_synthetic(self, raw: np.ndarray) -> Prepared:
         return self._to_device(self._host.prepare_synthetic(raw))

@@ -34,6 +34,29 @@ U32 = 2.0**-24
 U64 = 2.0**-53
 
 
+def is_exact(dtype: np.dtype, d: int) -> bool:
+    """True when rows of ``d`` pixels of ``dtype`` get exact integer sums (:data:`EXACT_DTYPES`)."""
+    return np.dtype(dtype) in EXACT_DTYPES and d <= MAX_EXACT_PIXELS
+
+
+def exact_shift(dtype: np.dtype) -> int:
+    """What is subtracted from 8-bit pixels to bring them into [-128, 127]: 128 for uint8, else 0."""
+    return 128 if np.dtype(dtype) == np.uint8 else 0
+
+
+def shifted_stats(sums: np.ndarray, squares: np.ndarray, d: int, shift: int) -> np.ndarray:
+    """Exact Σv' and spread D·Σv'² − (Σv')² (int64, shape (2, n)) of 8-bit rows from Σv and Σv².
+
+    v' = v − ``shift`` (:func:`exact_shift`): Σv' = Σv − s·D, Σv'² = Σv² − 2s·Σv + s²·D. The spread
+    does not change with the shift; shifted, every term stays ≤ 2¹⁴·D², within int64 up to
+    :data:`MAX_EXACT_PIXELS`.
+    """
+    sums = np.asarray(sums, dtype=np.int64)
+    shifted = sums - shift * d
+    shifted_squares = np.asarray(squares, dtype=np.int64) - 2 * shift * sums + shift * shift * d
+    return np.stack([shifted, d * shifted_squares - shifted * shifted])
+
+
 @dataclass
 class Prepared:
     """A prepared block on the backend's device, with host-side flags per row.
@@ -43,6 +66,9 @@ class Prepared:
     a backend needs (the exact integer backend keeps pixel sums there). ``offset2`` bounds, per
     row, the squared error of the centring relative to the row's spread (see
     :func:`float32_score_bound`); None where centring is exact or done in float64.
+    ``exact_stats``, where a backend computed them for 8-bit rows, holds their exact Σv' and
+    spreads (:func:`shifted_stats`), which the exact re-score (:mod:`memstudy.correlate.rescore`)
+    then need not compute again.
     """
 
     data: Any
@@ -51,6 +77,7 @@ class Prepared:
     nonfinite: np.ndarray
     sums: Any = None
     offset2: np.ndarray | None = None
+    exact_stats: np.ndarray | None = None
 
 
 class Backend(Protocol):
@@ -123,7 +150,9 @@ def float32_score_bound(d: int, *, k_piece: int = K_PIECE, input_rounding: float
       2·input_rounding·‖a‖‖b‖;
     - standardization: each centred value rounded once (direction of the row off by ≤ 2u), the
       scale rounded (≤ 2u), the norm from float32 dot products of 128 pixels added in float64
-      (relative error ≤ γ_129 + d·2⁻⁵³ ≤ γ_s with s = 128 + ⌈log₂ d⌉ + 1), so ‖a‖, ‖b‖ ∈
+      (relative error ≤ γ_129 + d·2⁻⁵³ ≤ γ_s with s = 128 + ⌈log₂ d⌉ + 1; for 8-bit rows the norm
+      of the exactly centred row from exact integer sums, within u of the stored row's norm
+      besides the centring term), so ‖a‖, ‖b‖ ∈
       1 ± ζ with ζ = γ_s/2 + 2u, and the directions within 2u each; the score scaled once more (u).
 
     Total ≤ (γ_n + 2·input_rounding)(1 + ζ)² + 2ζ + 5u; the factor 1.01 covers the products of

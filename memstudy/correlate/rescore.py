@@ -8,10 +8,13 @@ Exact r. For uint8/int8/bool images r is computed from exact integer sums,
 ``r = (D·Σxy − Σx·Σy) / sqrt((D·Σx² − (Σx)²)·(D·Σy² − (Σy)²))``: the numerator is exact in int64,
 each spread is rounded once to float64, then one product, square root and division, all
 correctly rounded IEEE operations, so every machine gives the same bits (the int8 backend uses
-the same formula). Σxy is summed in float32 over pieces of ``_EXACT_PIECE`` pixels, both sides
-shifted into [-128, 127] (|x'·y'| ≤ 2¹⁴, and the numerator does not change with a shift): every
-partial sum is an integer of magnitude ≤ 2²⁴, exact in any order; the piece sums are added in
-float64, exact below 2⁵³.
+the same formula). The numerator does not change when pixels are shifted, so it is computed from
+x' and y' in [-128, 127] (:func:`~memstudy.correlate.core.exact_shift`), where every term stays
+within int64. Σx'y is summed in float32 over pieces of ``_EXACT_PIECE`` pixels, the training row
+as it is (|x'·y| ≤ 128·255 < 2¹⁵): every partial sum is an integer of magnitude < 2²⁴, exact in
+any order; the piece sums are added in float64, exact below 2⁵³; then Σx'y' = Σx'y − s·Σx'. The
+training rows' exact sums and spreads come from the backend where it has them (the NumPy and
+torch backends compute them while standardizing), else from a pass over the candidates here.
 Other dtypes: float64 centred rows, r to about 1e-15.
 """
 
@@ -25,12 +28,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from memstudy.correlate.core import EXACT_DTYPES, MAX_EXACT_PIXELS, U32
+from memstudy.correlate.core import U32, exact_shift, is_exact
 from memstudy.correlate.matches import sort_rows
 from memstudy.correlate.sources import Source
 
-#: Pixels per exactly summed float32 piece: 1024 · 2¹⁴ = 2²⁴.
-_EXACT_PIECE = 1024
+#: Pixels per exactly summed float32 piece: 512 · 128 · 255 < 2²⁴.
+_EXACT_PIECE = 512
 #: Pairs scored together: bounds the float32 copies of training rows held at once.
 _GROUP = 64
 #: Slack for ties at float32 resolution: values equal after rounding to float32 are ties.
@@ -66,27 +69,18 @@ def overflowing(values: np.ndarray, indices: np.ndarray, k: int, bounds: np.ndar
     return live.all(axis=1) & (floor >= thresholds(values, indices, k, bounds))
 
 
-def _is_exact(dtype: np.dtype, d: int) -> bool:
-    return np.dtype(dtype) in EXACT_DTYPES and d <= MAX_EXACT_PIXELS
+def _pieces(rows: np.ndarray, out: np.ndarray, first: np.ndarray | None = None) -> np.ndarray:
+    """8-bit rows as float32, zero-padded to whole pieces ``(n, q, piece)``, written into ``out``.
 
-
-def _shift(dtype: np.dtype) -> int:
-    """What :func:`_pieces` subtracts from pixels of ``dtype``: uint8 goes to [-128, 127]."""
-    return 128 if dtype == np.uint8 else 0
-
-
-def _pieces(rows: list[np.ndarray], out: np.ndarray) -> np.ndarray:
-    """8-bit rows as float32 shifted by :func:`_shift`, zero-padded to whole pieces ``(n, q, piece)``.
-
-    Rows are converted one by one into ``out`` (no gathered copy of the 8-bit rows).
+    With ``first``, that row comes first and ``rows`` after it. The gathered rows are cast in one
+    call, not one call per row.
     """
     flat = out.reshape(out.shape[0], -1)
-    d = rows[0].shape[0]
-    for target, row in zip(flat, rows, strict=True):
-        np.copyto(target[:d], row, casting="unsafe")
-    shift = _shift(rows[0].dtype)
-    if shift:
-        flat[:, :d] -= shift  # a plain cast, then a float32 subtraction: faster than a mixed one
+    d = rows.shape[1]
+    body = flat if first is None else flat[1:]
+    if first is not None:
+        np.copyto(flat[0, :d], first, casting="unsafe")
+    np.copyto(body[:, :d], rows, casting="unsafe")
     flat[:, d:] = 0
     return out
 
@@ -135,27 +129,29 @@ def exact_r(num: np.ndarray, spread_x: np.ndarray, spread_y: np.ndarray) -> np.n
 
 
 def _piece_stats(p: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact Σv and D·Σv² − (Σv)² (int64) of shifted rows in pieces (every piece sum is exact)."""
+    """Exact Σv' and D·Σv'² − (Σv')² (int64) of shifted rows in pieces (every piece sum is exact)."""
     sums = p.sum(axis=2).sum(axis=1, dtype=np.float64).astype(np.int64)
     squares = np.einsum("nqp,nqp->nq", p, p).sum(axis=1, dtype=np.float64).astype(np.int64)
     return sums, d * squares - sums * sums
 
 
-def _integer_stats(raw: np.ndarray, rows: np.ndarray, scratch: _Scratch) -> tuple[np.ndarray, np.ndarray]:
-    """Exact Σy' (shifted) and D·Σy² − (Σy)² of 8-bit ``raw[rows]``, a few rows at a time."""
+def _integer_stats(raw: np.ndarray, rows: np.ndarray, scratch: _Scratch) -> np.ndarray:
+    """Exact Σy' and D·Σy² − (Σy)² (int64, shape (2, n)) of 8-bit ``raw[rows]``, a few at a time."""
     d = raw.shape[1]
-    sums = np.empty(rows.size, dtype=np.int64)
-    spreads = np.empty(rows.size, dtype=np.int64)
+    stats = np.empty((2, rows.size), dtype=np.int64)
+    shift = exact_shift(raw.dtype)
     step = 16  # rows converted at a time: a few MB that stay in cache
 
     def run(starts: list[int]) -> None:
         for a in starts:
             chunk = rows[a : a + step]
-            p = _pieces(list(raw[chunk]), scratch.get(chunk.size, d))
-            sums[a : a + step], spreads[a : a + step] = _piece_stats(p, d)
+            p = _pieces(raw[chunk], scratch.get(chunk.size, d))
+            if shift:
+                p.reshape(chunk.size, -1)[:, :d] -= shift
+            stats[0, a : a + step], stats[1, a : a + step] = _piece_stats(p, d)
 
     _in_threads(list(range(0, rows.size, step)), run)
-    return sums, spreads
+    return stats
 
 
 def _float_rows(raw: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -190,18 +186,22 @@ def exact_pairs(
     training: Source,
     cols: np.ndarray,
     batch_rows: int,
+    training_stats: np.ndarray | None = None,
 ) -> np.ndarray:
     """Exact r of the pairs (``synthetic[rows[p]]``, training image ``cols[p]``), float64.
 
     Pairs come row by row (``rows`` non-decreasing). A file source is read ``batch_rows`` images
     at a time (sorted, consecutive ones in one read); an in-memory one is used in place.
+    ``training_stats``: the exact Σy' and spreads of all training images (shape (2, n), as
+    :attr:`~memstudy.correlate.core.Prepared.exact_stats`) where known.
     """
     out = np.empty(rows.size, dtype=np.float64)
     if rows.size == 0:
         return out
     unique = np.unique(cols)
     if training.in_memory:
-        _score_batch(synthetic, rows, cols, training.read(0, training.n), unique, cols, out)
+        stats = None if training_stats is None else training_stats[:, unique]
+        _score_batch(synthetic, rows, cols, training.read(0, training.n), unique, cols, stats, out)
         return out
     step = max(1, batch_rows)
     for a in range(0, unique.size, step):
@@ -209,8 +209,9 @@ def exact_pairs(
         selected = np.flatnonzero((cols >= batch[0]) & (cols <= batch[-1]))
         local = np.searchsorted(batch, cols[selected])
         part = np.empty(selected.size, dtype=np.float64)
+        stats = None if training_stats is None else training_stats[:, batch]
         _score_batch(
-            synthetic, rows[selected], local, training.take(batch), np.arange(batch.size), local, part
+            synthetic, rows[selected], local, training.take(batch), np.arange(batch.size), local, stats, part
         )
         out[selected] = part
     return out
@@ -223,19 +224,22 @@ def _score_batch(
     training: np.ndarray,
     used: np.ndarray,
     used_cols: np.ndarray,
+    used_stats: np.ndarray | None,
     out: np.ndarray,
 ) -> None:
     """Exact r of pairs (``synthetic[rows[p]]``, ``training[cols[p]]``) into ``out``.
 
     ``used`` lists the training rows that occur (sorted), ``used_cols`` is ``cols`` again: the
-    integer statistics are computed once per ``used`` row and looked up with ``searchsorted``.
+    statistics of each ``used`` row (``used_stats`` for 8-bit rows where known, else computed here)
+    are looked up with ``searchsorted``.
     """
     d = synthetic.shape[1]
-    exact = _is_exact(synthetic.dtype, d) and _is_exact(training.dtype, d)
+    exact = is_exact(synthetic.dtype, d) and is_exact(training.dtype, d)
     at_all = np.searchsorted(used, used_cols)
     scratch = _Scratch()
     if exact:
-        t_sums, t_spread = _integer_stats(training, used, scratch)
+        x_shift, y_shift = exact_shift(synthetic.dtype), exact_shift(training.dtype)
+        t_sums, t_spread = used_stats if used_stats is not None else _integer_stats(training, used, scratch)
     else:
         t_means, t_norms = _float_stats(training, used, scratch)
     # Pairs of one synthetic row, at most _GROUP at a time (rows with many near-ties).
@@ -246,15 +250,17 @@ def _score_batch(
         a, b = group
         i, at = rows[a], at_all[a:b]
         if exact:
-            # x' rides along as row 0: its sums with itself give Σx'².
-            p = _pieces([synthetic[i], *(training[c] for c in cols[a:b])], scratch.get(b - a + 1, d))
-            # (q, m + 1, piece) @ (q, piece, 1): one exact float32 sum per piece, added in float64;
-            # D·Σx'y' − Σx'·Σy' is the numerator of x and y (shift-invariant).
+            p = _pieces(training[cols[a:b]], scratch.get(b - a + 1, d), first=synthetic[i])
+            if x_shift:
+                p[0].reshape(-1)[:d] -= x_shift
+            # (q, m + 1, piece) @ (q, piece, 1): one exact float32 sum per piece, added in float64.
+            # x' rides along as row 0: its sums with itself give Σx'²; the others give Σx'y.
             dots = np.matmul(p.transpose(1, 0, 2), p[0][:, :, None])[:, :, 0]
-            sxy = dots.sum(axis=0, dtype=np.float64).astype(np.int64)
-            x_sum = int(p[0].sum(axis=1).sum(dtype=np.float64))  # pieces of |Σx'| ≤ 2¹⁷: exact
-            x_spread = np.int64(d * sxy[0] - x_sum * x_sum)
-            out[a:b] = exact_r(d * sxy[1:] - x_sum * t_sums[at], x_spread, t_spread[at])
+            sums = dots.sum(axis=0, dtype=np.float64).astype(np.int64)
+            x_sum = int(p[0].sum(axis=1).sum(dtype=np.float64))  # pieces of |Σx'| ≤ 2¹⁶: exact
+            x_spread = np.int64(d * sums[0] - x_sum * x_sum)
+            sxy = sums[1:] - y_shift * x_sum  # Σx'y' = Σx'y − s·Σx'
+            out[a:b] = exact_r(d * sxy - x_sum * t_sums[at], x_spread, t_spread[at])
         else:
             y = scratch.rows(b - a + 1, d)
             x, _, x_norm = _float_rows(synthetic[i : i + 1], y[:1])
@@ -282,12 +288,14 @@ def finalize(
     training: Source | None,
     offset: int = 0,
     batch_rows: int = 1024,
+    training_stats: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The top k of each row from its candidates: keep, re-score exactly, order, cut.
 
     ``values``/``indices``: candidates (fast scores, global training indices; -1 or -inf for
     empty slots), ``bounds`` per row the bound on |fast − r|. ``training`` is the source the
     candidates index (from ``offset``); None means the fast scores are the exact values already.
+    ``training_stats``: the exact statistics of its 8-bit images where known (:func:`exact_pairs`).
     Returns float32 values and int64 indices, shape (n, k).
     """
     live = (indices >= 0) & np.isfinite(values)
@@ -295,7 +303,9 @@ def finalize(
     rows, slots = np.nonzero(keep)
     exact = values[rows, slots].astype(np.float64)
     if training is not None:
-        exact = exact_pairs(synthetic, rows, training, indices[rows, slots] - offset, batch_rows)
+        exact = exact_pairs(
+            synthetic, rows, training, indices[rows, slots] - offset, batch_rows, training_stats
+        )
     kept_values = np.full(values.shape, -np.inf, dtype=np.float64)
     kept_values[rows, slots] = exact
     kept_indices = np.where(keep, indices, -1)

@@ -166,6 +166,8 @@ def search(
     indices = np.full((synthetic.n, k), -1, dtype=np.int64)
     constant_synthetic: list[np.ndarray] = []
     constant_training: list[np.ndarray] = []
+    # The exact statistics of 8-bit training images (16 bytes each), where the backend has them.
+    training_stats: list[np.ndarray | None] = []
     ranges = [(a, min(a + plan.training_rows, training.n)) for a in range(0, training.n, plan.training_rows)]
     cached: list[tuple[int, int, Any]] = []
     first_pass = [True]
@@ -187,6 +189,7 @@ def search(
                     index = training_offset + t0 + _first(chunk.nonfinite)
                     raise ValueError(f"training image {index} contains NaN or Inf")
                 constant_training.append(np.flatnonzero(chunk.constant) + training_offset + t0)
+                training_stats.append(chunk.exact_stats)
                 if len(ranges) == 1:
                     # One chunk holds the whole training set: standardize it once for all blocks.
                     cached.append((t0, t1, chunk))
@@ -238,6 +241,9 @@ def search(
                 cand_indices = _widen(cand_indices, slots, -1)
                 cand_values[again], cand_indices[again] = more_values, more_indices
                 again = again[overflowing(more_values, more_indices, k, bounds[again])]
+            if s0 == 0:  # the first scan has seen every training chunk
+                known = all(stats is not None for stats in training_stats)
+                all_training_stats = np.concatenate(training_stats, axis=1) if known else None
             block_values, block_indices = finalize(
                 raw,
                 cand_values,
@@ -247,6 +253,7 @@ def search(
                 training=None if engine.exact else training,
                 offset=training_offset,
                 batch_rows=max(plan.training_rows, 16),
+                training_stats=all_training_stats,
             )
             values[s0:s1] = block_values
             indices[s0:s1] = block_indices
