@@ -53,27 +53,18 @@ def _max_abs(dtype: np.dtype) -> int:
     return max(-int(info.min), int(info.max))
 
 
-def _sum_of_squares(rows: np.ndarray) -> np.ndarray:
-    """Σv² per row: a float32 dot product per ``_SQUARES_PIECE`` pixels, the pieces added in float64.
+def _sum_of_squares(rows: np.ndarray, piece: int = _SQUARES_PIECE) -> np.ndarray:
+    """Σv² per row: a float32 dot product per ``piece`` pixels, the pieces added in float64.
 
-    Relative error ≤ γ_129 + q·2⁻⁵³ for q pieces, within the γ_s that
+    Relative error ≤ γ_129 + q·2⁻⁵³ for q pieces of 128, within the γ_s that
     :func:`~memstudy.correlate.core.float32_score_bound` allows for the norms, whatever order the
     dot products sum in. One pass over the rows, where a pairwise sum needs the squares stored.
+    Exact for rows of 8-bit integers with ``piece`` = ``_EXACT_SQUARES_PIECE``: every piece sum is
+    an integer below 2²⁴, and their float64 sum stays below 2⁵³.
     """
     n, d = rows.shape
-    whole = d - d % _SQUARES_PIECE
-    pieces = rows[:, :whole].reshape(n, -1, _SQUARES_PIECE)
-    total = np.einsum("nqp,nqp->nq", pieces, pieces).sum(axis=1, dtype=np.float64)
-    if whole < d:
-        total += np.einsum("nd,nd->n", rows[:, whole:], rows[:, whole:])
-    return total
-
-
-def _exact_squares(rows: np.ndarray) -> np.ndarray:
-    """Σv² (float64, exact) of rows holding 8-bit integers: every piece sum is an integer < 2²⁴."""
-    n, d = rows.shape
-    whole = d - d % _EXACT_SQUARES_PIECE
-    pieces = rows[:, :whole].reshape(n, -1, _EXACT_SQUARES_PIECE)
+    whole = d - d % piece
+    pieces = rows[:, :whole].reshape(n, -1, piece)
     total = np.einsum("nqp,nqp->nq", pieces, pieces).sum(axis=1, dtype=np.float64)
     if whole < d:
         total += np.einsum("nd,nd->n", rows[:, whole:], rows[:, whole:])
@@ -121,7 +112,7 @@ def _centre_block(
                 elif not integer:
                     block[:, 0] = np.add.reduce(rows, axis=1, dtype=np.float64)
                 if exact is not None:
-                    squares = _exact_squares(rows)
+                    squares = _sum_of_squares(rows, _EXACT_SQUARES_PIECE)
                 mean = (block[:, 0] / d).astype(np.float32)
                 np.subtract(rows, mean[:, None], out=rows)
                 block[:, 3] = np.abs(mean - block[:, 0] / d) * (1 + U64) + U64 * np.abs(mean)
