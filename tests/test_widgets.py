@@ -8,12 +8,7 @@ import datetime
 import html
 import io
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import float64_pearson
+from lab_server import api, jupyterlab
 from PIL import Image
 
 from memstudy.data import ImageSet
@@ -251,55 +247,16 @@ def test_the_run_reopens_its_training_set_and_refuses_others(run, tmp_path):
 
 @pytest.mark.slow
 def test_jupyterlab_serves_the_notebooks_with_the_project_kernel(jupyter_kernel, tmp_path):
-    # What `make lab` starts, on 127.0.0.1 with a token; the browser UI is not driven here.
+    # What `make lab` starts, on 127.0.0.1 with a token; the browser UI is driven in
+    # tests/test_live_explorer.py.
     pytest.importorskip("jupyterlab")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    token = "memstudy-test-token"
-    env = {
-        **os.environ,
-        "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
-        "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
-    }
     notebooks = Path(__file__).resolve().parents[1] / "notebooks"
-    command = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}"]
-    command += [
-        "--ServerApp.port_retries=0",
-        f"--IdentityProvider.token={token}",
-        f"--notebook-dir={notebooks}",
-    ]
-    if os.geteuid() == 0:  # containers and CI run as root, which Jupyter refuses without this
-        command.append("--allow-root")
-    log = tmp_path / "jupyterlab.log"
-    with log.open("wb") as stderr:
-        server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
-
-    def get(path: str) -> dict:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}?token={token}", timeout=5) as answer:
-            return json.load(answer)
-
-    try:
-        for _ in range(300):  # up to ~60 s for the server to start on a busy machine
-            try:
-                status = get("/api/status")
-                break
-            except OSError:
-                assert server.poll() is None, log.read_text()
-                time.sleep(0.2)
-        else:
-            pytest.fail("JupyterLab did not answer /api/status within 60 s")
+    with jupyterlab(notebooks, tmp_path / "jupyter") as base:
+        status = api(base, "/api/status")
         assert status["kernels"] == 0 and "started" in status
-        assert jupyter_kernel in get("/api/kernelspecs")["kernelspecs"]
-        listed = {item["name"] for item in get("/api/contents")["content"]}
+        assert jupyter_kernel in api(base, "/api/kernelspecs")["kernelspecs"]
+        listed = {item["name"] for item in api(base, "/api/contents")["content"]}
         assert {p.name for p in notebooks.glob("*.ipynb")} <= listed
         with pytest.raises(urllib.error.HTTPError) as refused:  # the token is required
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/contents", timeout=5)
+            urllib.request.urlopen(f"{base}/api/contents", timeout=5)
         assert refused.value.code == 403
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
