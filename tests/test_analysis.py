@@ -139,3 +139,48 @@ def test_comparison_row_without_run_fields_is_an_error_naming_them(two_runs):
         comparison_table([two_runs[0][0]])
     with pytest.raises(ValueError, match="n_train_images=5"):
         two_runs[0][0].summary(n_train_images=5)
+
+
+def comparison_rows(**changes):
+    """Rows of a comparison table: two runs (8 and 16 subjects), each at steps 10 and 20."""
+    rows = []
+    for n, fracs in ((8, (0.25, 0.5)), (16, (0.0, 0.125))):
+        for step, frac in zip((10, 20), fracs, strict=True):
+            rows.append(
+                {
+                    "dataset": "cxr",
+                    "model": "ddpm",
+                    "n_train_subjects": n,
+                    "seed": 0,
+                    "step": step,
+                    "channel": "all",
+                    "frac_likely_copies": frac,
+                    "median_max_r": 0.5 + frac,
+                    "run_dir": f"cxr/ddpm/n{n}-s0",
+                }
+                | changes
+            )
+    return pd.DataFrame(rows)
+
+
+def test_curves_against_size_take_each_runs_last_step():
+    rows = analysis.curve_rows(comparison_rows(), "n_train_subjects")
+    assert rows[["n_train_subjects", "step", "dataset"]].values.tolist() == [[8, 20, "cxr"], [16, 20, "cxr"]]
+
+
+def test_curves_against_step_give_each_run_its_own_line():
+    rows = analysis.curve_rows(comparison_rows(), "step")
+    assert len(rows) == 4
+    assert sorted(set(rows["dataset"])) == ["cxr, 16 subjects", "cxr, 8 subjects"]
+    seeds = pd.concat([comparison_rows(), comparison_rows(seed=1, run_dir="other")])
+    labels = analysis.curve_rows(seeds, "n_train_subjects")["dataset"]
+    assert sorted(set(labels)) == ["cxr, seed 0", "cxr, seed 1"]
+
+
+def test_size_statements_compare_the_smallest_and_largest_set_at_the_last_step():
+    assert analysis.size_statements(comparison_rows()) == [
+        "ddpm on cxr (all): 50 % likely copies (median max r 1.000) with 8 training subjects vs "
+        "12 % (0.625) with 16."
+    ]
+    one_size = comparison_rows()
+    assert analysis.size_statements(one_size[one_size["n_train_subjects"] == 8]) == []

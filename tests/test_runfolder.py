@@ -347,51 +347,6 @@ def test_missing_or_malformed_summaries_are_named(tmp_path):
         runfolder.read_summaries([tmp_path / "broken.json"])
 
 
-def comparison_rows(**changes):
-    """Rows of a comparison table: two runs (8 and 16 subjects), each at steps 10 and 20."""
-    rows = []
-    for n, fracs in ((8, (0.25, 0.5)), (16, (0.0, 0.125))):
-        for step, frac in zip((10, 20), fracs, strict=True):
-            rows.append(
-                {
-                    "dataset": "cxr",
-                    "model": "ddpm",
-                    "n_train_subjects": n,
-                    "seed": 0,
-                    "step": step,
-                    "channel": "all",
-                    "frac_likely_copies": frac,
-                    "median_max_r": 0.5 + frac,
-                    "run_dir": f"cxr/ddpm/n{n}-s0",
-                }
-                | changes
-            )
-    return pd.DataFrame(rows)
-
-
-def test_curves_against_size_take_each_runs_last_step():
-    rows = runfolder.curve_rows(comparison_rows(), "n_train_subjects")
-    assert rows[["n_train_subjects", "step", "dataset"]].values.tolist() == [[8, 20, "cxr"], [16, 20, "cxr"]]
-
-
-def test_curves_against_step_give_each_run_its_own_line():
-    rows = runfolder.curve_rows(comparison_rows(), "step")
-    assert len(rows) == 4
-    assert sorted(set(rows["dataset"])) == ["cxr, 16 subjects", "cxr, 8 subjects"]
-    seeds = pd.concat([comparison_rows(), comparison_rows(seed=1, run_dir="other")])
-    labels = runfolder.curve_rows(seeds, "n_train_subjects")["dataset"]
-    assert sorted(set(labels)) == ["cxr, seed 0", "cxr, seed 1"]
-
-
-def test_size_statements_compare_the_smallest_and_largest_set_at_the_last_step():
-    assert runfolder.size_statements(comparison_rows()) == [
-        "ddpm on cxr (all): 50 % likely copies (median max r 1.000) with 8 training subjects vs "
-        "12 % (0.625) with 16."
-    ]
-    one_size = comparison_rows()
-    assert runfolder.size_statements(one_size[one_size["n_train_subjects"] == 8]) == []
-
-
 def test_sample_values_follow_the_table_rows(tmp_path):
     for step, values in ((10, [0.1, 0.2]), (20, [0.3, 0.4])):
         runfolder.save_matches(

@@ -2,10 +2,17 @@
 
 ``datasets``: how alike a dataset's images are; ``memorization``: the calibrated memorization report;
 ``transforms``: mirrored and shifted matches; ``duplicates``: training near-duplicates and dedup;
-``comparison``: the cross-run ``comparison.csv`` table; ``paper``: that table against the paper's findings.
+``comparison``: the cross-run ``comparison.csv`` table, its curves and size sentences; ``paper``: that
+table against the paper's findings.
 """
 
-from memstudy.analysis.comparison import COMPARISON_COLUMNS, comparison_table, save_comparison
+from memstudy.analysis.comparison import (
+    COMPARISON_COLUMNS,
+    comparison_table,
+    curve_rows,
+    save_comparison,
+    size_statements,
+)
 from memstudy.analysis.datasets import (
     correlation_by_slice_distance,
     dataset_summary,
@@ -32,6 +39,7 @@ __all__ = [
     "Transform",
     "comparison_table",
     "correlation_by_slice_distance",
+    "curve_rows",
     "dataset_summary",
     "deduplicate",
     "memorization_report",
@@ -42,6 +50,7 @@ __all__ = [
     "neighbour_statistics",
     "paper_claims",
     "save_comparison",
+    "size_statements",
     "slice_positions",
     "standardized",
     "transform_list",
