@@ -131,6 +131,15 @@ def changed_stamps(package: Path, relative: str, edit) -> set[str]:
     return {name for name in before if before[name] != after[name]}
 
 
+def test_stamps_cover_the_steps_notebooks_and_nothing_else():
+    names = set(stamps.compute_stamps(["ddpm", "stylegan"]))
+    per_model = {
+        f"notebook-{stem}-{model}" for stem in ("02_train", "03_sample") for model in ("ddpm", "stylegan")
+    }
+    others = {"notebook-01_data", "notebook-04_memorization", "notebook-05_compare"}
+    assert names == {"data", "models-ddpm", "models-stylegan"} | per_model | others
+
+
 def test_a_stylegan_fix_changes_only_stylegan_stamps(package_copy):
     changed = changed_stamps(package_copy, "models/stylegan.py", lambda s: s + "\n# a fix\n")
     assert changed == {"models-stylegan", "notebook-02_train-stylegan", "notebook-03_sample-stylegan"}

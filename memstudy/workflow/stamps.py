@@ -23,6 +23,7 @@ from pathlib import Path
 import nbformat
 
 from memstudy.atomic import atomic_path
+from memstudy.workflow.plan import NOTEBOOKS
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 NOTEBOOKS_DIR = PACKAGE_DIR / "notebooks"
@@ -221,7 +222,7 @@ def compute_stamps(models: Iterable[str]) -> dict[str, str]:
             [*MODEL_ENTRY_POINTS, MODEL_MODULES[model]], exclude=[*other_models(model), *DATA_LOADERS]
         )
         stamps[f"models-{model}"] = digest(code)
-    for notebook in sorted(NOTEBOOKS_DIR.glob("*.ipynb")):
+    for notebook in (NOTEBOOKS_DIR / name for name in NOTEBOOKS.values()):  # the steps' notebooks only
         per_model = notebook.stem.startswith(("02_", "03_"))
         for model in models if per_model else [None]:
             modules = notebook_modules(notebook) | ({MODEL_MODULES[model]} if model else set())
