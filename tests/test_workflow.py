@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -233,6 +236,33 @@ def test_a_failing_notebook_keeps_its_partial_output_and_the_target_untouched(tm
     assert done.returncode == 0 and target.is_file() and not partial.exists()
     outputs = json.dumps(nbformat.read(target, as_version=4).cells[-2].outputs)
     assert "threads 3" in outputs, "the job's thread count reaches the kernel"
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_job_exits_at_once_and_leaves_no_partial_notebook(tmp_path, stop):
+    started = tmp_path / "started"
+    notebook = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell("flag = ''", metadata={"tags": ["parameters"]}),
+            nbformat.v4.new_code_cell("import pathlib, time; pathlib.Path(flag).touch(); time.sleep(120)"),
+        ]
+    )
+    template = tmp_path / "t.ipynb"
+    nbformat.write(notebook, template)
+    out = tmp_path / "out"
+    job = subprocess.Popen(
+        shlex.split(execute.command_line(str(template), out / "t.ipynb", {"flag": str(started)}))
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not started.exists():
+            assert job.poll() is None and time.monotonic() < deadline, "the notebook's cell never ran"
+            time.sleep(0.1)
+        job.send_signal(stop)
+        assert job.wait(timeout=10) == 128 + stop
+    finally:
+        job.kill()
+    assert sorted(p.name for p in out.iterdir()) == []
 
 
 @pytest.mark.slow
