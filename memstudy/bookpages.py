@@ -86,6 +86,7 @@ def results_page(dataset: str, model: str, jobs: list[Job], staged: set[str], co
         + ". Every number below is pasted from the run's memorization notebook, for its first reported "
         "channel; the run's own pages follow, with the nearest-match browser of every checkpoint.",
         "",
+        "```{container} memstudy-results",  # book/_static/memstudy.css sets its type size
         "| training subjects | seed | step | " + " | ".join(h for h, _, _ in RESULT_COLUMNS) + " |",
         "|" + "---:|" * (3 + len(RESULT_COLUMNS)),
     ]
@@ -94,6 +95,7 @@ def results_page(dataset: str, model: str, jobs: list[Job], staged: set[str], co
         cells += [_glue(job.notebook, key, fmt, page) for _, key, fmt in RESULT_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
+        "```",
         "",
         "*Likely copies* are samples whose best r exceeds the held-out threshold and whose margin over "
         "the best match in another subject exceeds the held-out margin (see Methods); *above held-out "

@@ -222,6 +222,39 @@ def test_results_pages_paste_every_run_s_numbers(smoke_book, smoke_study):
 
 
 @pytest.mark.slow
+def test_results_tables_fit_the_article_at_1280_px_and_pasted_numbers_read_as_text(smoke_book, served):
+    base, _ = served
+    chromium = chromium_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    plan = load_plan(PLAN)
+    pages = [f"book/notebooks/smoke/{d}/{m}/results.html" for d in plan.datasets for m in plan.models]
+    measured = {}
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=OFFLINE_FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        for path in pages:
+            page.goto(base + path, wait_until="load", timeout=PAGE_TIMEOUT_MS)
+            page.evaluate(SETTLED)
+            measured[path] = page.evaluate(
+                """() => {
+                    const table = document.querySelector('.memstudy-results table');
+                    const pasted = [...document.querySelectorAll('span.pasted-text')];
+                    return {
+                        overflow: table.scrollWidth - table.parentElement.clientWidth,
+                        bold: pasted.filter((s) => getComputedStyle(s).fontWeight
+                            !== getComputedStyle(s.parentElement).fontWeight).length,
+                        pasted: pasted.length,
+                    };
+                }"""
+            )
+        browser.close()
+    for path, found in measured.items():
+        assert found["overflow"] <= 0, (path, found)  # no sideways scrolling
+        assert found["pasted"] > 0 and found["bold"] == 0, (path, found)
+
+
+@pytest.mark.slow
 def test_the_discussion_states_the_build_s_verdict_on_each_of_the_paper_s_findings(smoke_book, smoke_study):
     from memstudy.analysis import paper_claims
 
