@@ -542,4 +542,7 @@ def test_bench_prints_one_json_object_with_the_ratios(monkeypatch, capsys):
     for key in ("sgemm_fraction", "vs_faiss", "vs_pearsonr_loop", "out_of_core_peak_rss_mb"):
         assert isinstance(results[key], float) and math.isfinite(results[key]), key
     assert results["faiss_top1_agreement"] == 1.0
+    assert set(results["float32_parts"]) == {"standardize", "gemm_and_merge", "exact_rescore"}
+    assert all(0 < share < 10 for share in results["float32_parts"].values())
+    assert results["float32_parts_give_the_search"] is True
     assert "faiss IndexFlatIP" in bench.format_report(results)

@@ -16,7 +16,10 @@ Every ratio compares two measurements taken in the same process on the same data
   PNG files, flatten, ``scipy.stats.pearsonr``), timed on a small subset; ``vs_pearsonr_compute_only``
   leaves the file reads out of the loop;
 - ``out_of_core_peak_rss_mb``: peak resident memory of a separate process that streams a training
-  ``.npy`` file several times larger than its ``chunk_mb`` budget.
+  ``.npy`` file several times larger than its ``chunk_mb`` budget;
+- ``float32_parts``: where the float32 (NumPy) search's time goes, each part as a fraction of the
+  whole search's time in the same rounds: standardization, the piece-summed GEMM with the top-k
+  merges, and the exact re-score of the candidates (``rescored_pairs`` of them).
 
 On a GPU (CuPy or torch with CUDA) it adds the cuBLAS SGEMM rate, our fraction of it, the agreement
 with the NumPy backend and a 10^5 × 10^5 time extrapolated from a measured slice.
@@ -41,7 +44,9 @@ import numpy as np
 
 from memstudy.correlate.backend_numpy import NumpyBackend
 from memstudy.correlate.backends import cuda_torch_available, cupy_available, get_backend, int8_path_available
-from memstudy.correlate.search import topk_pearson
+from memstudy.correlate.rescore import finalize, slots_for
+from memstudy.correlate.search import plan_blocks, topk_pearson
+from memstudy.correlate.sources import as_source
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +227,60 @@ def measure_gpu(size: int, n_synthetic: int, n_training: int, k: int) -> dict[st
     }
 
 
+def float32_parts(
+    synthetic: np.ndarray, training: np.ndarray, k: int
+) -> tuple[dict[str, Callable[[], Any]], dict[str, Any]]:
+    """The float32 search's parts, each a function to time, run as :func:`topk_pearson` runs them.
+
+    One synthetic block and the training set in the search's own chunks (``plan_blocks`` with its
+    default budget); the re-score gets the candidates and bounds the GEMM part left. Returns the
+    parts by name, and what they leave: ``parts["found"]`` is the search's ``(values, indices)``.
+    """
+    backend = NumpyBackend()
+    n, d = len(synthetic), synthetic[0].size
+    rows, train_rows = synthetic.reshape(n, d), training.reshape(len(training), d)
+    plan = plan_blocks(
+        n, len(training), d, slots_for(k), backend.default_chunk_mb(), score_bytes=backend.score_bytes
+    )
+    if plan.synthetic_rows < n:
+        raise ValueError(
+            f"float32_parts times one synthetic block; {n} images need {-(-n // plan.synthetic_rows)}"
+        )
+    starts = range(0, len(training), plan.training_rows)
+    # A backend (work buffers) per training chunk: the chunks are kept for the GEMM part, where the
+    # search streams them through one buffer; buffers reused from round to round, as in searches.
+    chunk_backends = [NumpyBackend() for _ in starts]
+    parts: dict[str, Any] = {}
+
+    def standardize() -> None:
+        parts["block"] = backend.prepare_synthetic(rows)
+        parts["chunks"] = [
+            (a, chunk_backend.prepare_training(train_rows[a : a + plan.training_rows]))
+            for a, chunk_backend in zip(starts, chunk_backends, strict=True)
+        ]
+
+    def gemm_and_merge() -> None:
+        state = backend.new_state(n, min(slots_for(k), len(training)))
+        for a, chunk in parts["chunks"]:
+            backend.update(state, parts["block"], chunk, a, None)
+        parts["candidates"] = backend.result(state)
+
+    def exact_rescore() -> None:
+        values, indices = parts["candidates"]
+        offset2 = max(float(chunk.offset2.max()) for _, chunk in parts["chunks"])
+        bounds = backend.score_bound(d) + parts["block"].offset2 + offset2
+        stats = np.concatenate([chunk.exact_stats for _, chunk in parts["chunks"]], axis=1)
+        parts["found"] = finalize(
+            rows, values, indices, k, bounds, training=as_source(training), training_stats=stats
+        )
+
+    return {
+        "standardize": standardize,
+        "gemm_and_merge": gemm_and_merge,
+        "exact_rescore": exact_rescore,
+    }, parts
+
+
 def cpu_backends(d: int) -> tuple[str, list[str]]:
     """The CPU backend ``auto`` uses for uint8 images of ``d`` pixels, and every CPU backend to time."""
     names = ["numpy", "torch"]
@@ -263,6 +322,8 @@ def measure_throughput(
     runs: dict[str, Callable[[], Any]] = {"sgemm": lambda: sgemm[0] @ sgemm[1]}
     runs.update({name: lambda name=name: search_ours(name) for name in backends})
     runs.update(faiss=search_faiss, standardize=standardize)
+    parts, left = float32_parts(synthetic, training, k)
+    runs.update({f"float32 {name}": run for name, run in parts.items()})
     for run in runs.values():  # warm up: thread pools, first-touch pages, imports
         run()
     # Rounds of every measurement, best of each: on a shared machine a slow spell then hits them all.
@@ -290,6 +351,8 @@ def measure_throughput(
             np.mean([np.mean(found[name][:, 0] == found["numpy"][:, 0]) for name in backends])
         ),
         topk_identical_between_backends=all(np.array_equal(found[name], found["numpy"]) for name in backends),
+        float32_parts={name: seconds[f"float32 {name}"] / seconds["numpy"] for name in parts},
+        float32_parts_give_the_search=bool(np.array_equal(left["found"][1], found["numpy"])),
     )
 
 
@@ -350,6 +413,11 @@ def format_report(results: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in results["backend_gflops"].items())
         + f" → {results['sgemm_fraction']:.0%} of SGEMM ({results['backend']}), "
         f"float32 path {results['sgemm_fraction_float32']:.0%}",
+        "float32 path's time: "
+        + ", ".join(
+            f"{name.replace('_', ' ')} {share:.0%}" for name, share in results["float32_parts"].items()
+        )
+        + f" (the parts give the search's top-k: {results['float32_parts_give_the_search']})",
         f"faiss IndexFlatIP: {results['faiss_gflops']:.0f} GFLOP/s → ours is {results['vs_faiss']:.2f}×, "
         f"{results['vs_faiss_end_to_end']:.2f}× with faiss's standardization, float32 path "
         f"{results['vs_faiss_float32']:.2f}× ({results['vs_faiss_end_to_end_float32']:.2f}× end to end) "
