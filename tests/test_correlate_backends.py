@@ -541,3 +541,44 @@ def test_threaded_exact_rescore_equals_integer_sums_computed_here(monkeypatch):
     got = rescore.exact_pairs(synthetic, rows, train, cols, 64)
     # int64 sums are exact here (D·Σxy < 2⁴⁰).
     np.testing.assert_array_equal(got, _integer_reference(synthetic[rows], training[cols]))
+
+
+def pearsonr_matrix(synthetic: np.ndarray, training: np.ndarray) -> np.ndarray:
+    """All-pairs r with scipy.stats.pearsonr in float64 (NaN for a constant image)."""
+    import warnings
+
+    from scipy.stats import pearsonr
+
+    a = synthetic.reshape(len(synthetic), -1).astype(np.float64)
+    b = training.reshape(len(training), -1).astype(np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # constant input: r is NaN
+        return np.array([[pearsonr(x, y).statistic for y in b] for x in a])
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("dtype", ["uint8", "int16", "float32", "float64"])
+def test_images_of_several_pieces_with_ties_straddling_k_give_pearsonr(backend, dtype):
+    from memstudy.correlate.core import K_PIECE
+
+    # Two whole GEMM pieces and a short one (no multiple of any piece size), several training chunks
+    # and synthetic blocks, six copies of one image (ties at r = 1 straddle k = 4), a constant image,
+    # and a second tie at r = 1 made by an affine map.
+    rng = np.random.default_rng(21)
+    d = 2 * K_PIECE + 301
+    training = rng.integers(0, 256, (70, d)).astype(dtype)
+    copies = [5, 6, 19, 33, 34, 61]
+    training[copies] = training[33]
+    training[12] = 77
+    training[40, : d // 2] = 0
+    training[41] = training[40] // 4 + 100
+    synthetic = np.stack([training[33], training[40] // 2 + 3, *rng.integers(0, 256, (4, d)).astype(dtype)])
+    if dtype.startswith("float"):
+        training, synthetic = training / 7 + 1000, synthetic / 7 + 1000  # an offset float32 must survive
+
+    matches = topk_pearson(synthetic, training, 4, backend=backend, chunk_mb=0.4)
+
+    assert_matches_reference(matches, pearsonr_matrix(synthetic, training), 4)
+    np.testing.assert_array_equal(matches.indices[0], [5, 6, 19, 33])
+    np.testing.assert_array_equal(matches.indices[1, :2], [40, 41])
+    np.testing.assert_array_equal(matches.constant_training, [12])
