@@ -152,8 +152,8 @@ def float32_score_bound(d: int, *, k_piece: int = K_PIECE, input_rounding: float
       scale rounded (≤ 2u), the norm from float32 dot products of 128 pixels added in float64
       (relative error ≤ γ_129 + d·2⁻⁵³ ≤ γ_s with s = 128 + ⌈log₂ d⌉ + 1; for 8-bit rows the norm
       of the exactly centred row from exact integer sums, within u of the stored row's norm
-      besides the centring term), so ‖a‖, ‖b‖ ∈
-      1 ± ζ with ζ = γ_s/2 + 2u, and the directions within 2u each; the score scaled once more (u).
+      besides the centring term), so ‖a‖, ‖b‖ ∈ 1 ± ζ with ζ = γ_s/2 + 2u, and the directions
+      within 2u each; the score scaled once more (u).
 
     Total ≤ (γ_n + 2·input_rounding)(1 + ζ)² + 2ζ + 5u; the factor 1.01 covers the products of
     these small terms. The centring terms (the subtracted mean is not the exact mean) are second
