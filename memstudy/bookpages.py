@@ -86,7 +86,7 @@ def results_page(dataset: str, model: str, jobs: list[Job], staged: set[str], co
         + ". Every number below is pasted from the run's memorization notebook, for its first reported "
         "channel; the run's own pages follow, with the nearest-match browser of every checkpoint.",
         "",
-        "```{container} memstudy-results",  # book/_static/memstudy.css sets its type size
+        "```{container} memstudy-results",  # book/_vendor/memstudy.css sets its type size
         "| training subjects | seed | step | " + " | ".join(h for h, _, _ in RESULT_COLUMNS) + " |",
         "|" + "---:|" * (3 + len(RESULT_COLUMNS)),
     ]

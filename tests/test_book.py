@@ -56,13 +56,11 @@ CELLS = [
 
 
 def write_book(root: Path, notebook: nbformat.NotebookNode) -> Path:
-    """Lay out a one-page book like the project's: root _config.yml, book/_toc.yml, vendored assets and
-    our stylesheet."""
+    """Lay out a one-page book like the project's: root _config.yml, book/_toc.yml, vendored assets."""
     (root / "book" / "notebooks").mkdir(parents=True)
     shutil.copy(REPO / "_config.yml", root)
     shutil.copy(REPO / "book" / "references.bib", root / "book")
     shutil.copytree(REPO / "book" / "_vendor", root / "book" / "_vendor")
-    shutil.copytree(REPO / "book" / "_static", root / "book" / "_static")
     (root / "book" / "_toc.yml").write_text("format: jb-book\nroot: book/notebooks/demo\n")
     path = root / "book" / "notebooks" / "demo.ipynb"
     nbformat.write(notebook, path)
